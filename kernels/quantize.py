@@ -1,0 +1,176 @@
+"""Weight and activation quantization in pure torch: every storage format of quantrt and its inverse.
+
+These functions are the numerical definition of each format. The Triton kernels read exactly what they
+write, and the reference backend and the tests dequantize with them. Weights are [N, K] (out, in) as in
+`nn.Linear`; scales and zero points are [N, K // group_size] (per group) or [N, 1] (per channel), in
+`scale_dtype` (default: the weight's dtype). All math is done in float32.
+
+Formats:
+    int8      w = q * s,                  q int8 in [-127, 127], symmetric
+    uintX     w = (q - z) * s,            q in [0, 2**X - 1] packed X bits per weight (packing.py),
+                                          z a float zero point in the code domain, 1 <= X <= 8
+    fpX       w = decode(c) * s,          c an X-bit float code: 1 sign, A exponent, B mantissa bits,
+                                          bias 2**(A-1) - 1, subnormals, no inf/nan, 3 <= X <= 7
+    fp8       w = float(q) * s,           q torch.float8_e4m3fn or torch.float8_e5m2
+"""
+
+import torch
+
+from .packing import pack_uintx, unpack_uintx
+
+FP8_DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+
+
+def _grouped(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """[N, K] -> float32 [N, K // g, g]; g = K when group_size is None (one group per channel)."""
+    n, k = w.shape
+    g = k if group_size is None else group_size
+    if g <= 0 or k % g:
+        raise ValueError(f"K={k} is not a multiple of the group size {g}")
+    return w.float().reshape(n, k // g, g)
+
+
+def _safe_scale(absmax: torch.Tensor, qmax: float, scale_dtype: torch.dtype) -> torch.Tensor:
+    # all-zero groups get scale 1 so that 0 / s stays 0; round to the stored dtype before use
+    scale = torch.where(absmax > 0, absmax / qmax, torch.ones_like(absmax))
+    return scale.to(scale_dtype)
+
+
+def quantize_int8(
+    w: torch.Tensor, group_size: int | None = None, scale_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8. w: [N, K] -> (q int8 [N, K], scale [N, K // g])."""
+    wg = _grouped(w, group_size)
+    scale = _safe_scale(wg.abs().amax(dim=-1), 127.0, scale_dtype or w.dtype)
+    q = torch.round(wg / scale.float().unsqueeze(-1)).clamp_(-127, 127)
+    return q.to(torch.int8).reshape(w.shape), scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """q int8 [N, K], scale [N, G] -> float32 [N, K]."""
+    n, k = q.shape
+    groups = scale.shape[-1]
+    w = q.float().reshape(n, groups, k // groups) * scale.float().unsqueeze(-1)
+    return w.reshape(n, k)
+
+
+def quantize_uintx(
+    w: torch.Tensor, bits: int, group_size: int, scale_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric grouped X-bit. w: [N, K] -> (packed uint8 [N, K * bits / 8], scale [N, K // g],
+    zero [N, K // g]). The group's [min, max] maps onto [0, 2**bits - 1]; the zero point is a float
+    (rounded to scale_dtype before the codes are chosen, so the codes fit the stored parameters)."""
+    scale_dtype = scale_dtype or w.dtype
+    qmax = float(2**bits - 1)
+    wg = _grouped(w, group_size)
+    lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
+    scale = _safe_scale(hi - lo, qmax, scale_dtype)
+    zero = (-lo / scale.float()).to(scale_dtype)
+    q = torch.round(wg / scale.float().unsqueeze(-1) + zero.float().unsqueeze(-1)).clamp_(0, qmax)
+    return pack_uintx(q.to(torch.uint8).reshape(w.shape), bits), scale, zero
+
+
+def dequantize_uintx(
+    packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, k: int
+) -> torch.Tensor:
+    """packed uint8 [N, K * bits / 8], scale/zero [N, G] -> float32 [N, K]."""
+    q = unpack_uintx(packed, bits, k).float()
+    n, groups = scale.shape
+    q = q.reshape(n, groups, k // groups)
+    w = (q - zero.float().unsqueeze(-1)) * scale.float().unsqueeze(-1)
+    return w.reshape(n, k)
+
+
+def check_floatx(ebits: int, mbits: int) -> None:
+    bits = 1 + ebits + mbits
+    if ebits < 1 or mbits < 0 or not 3 <= bits <= 7:
+        raise ValueError(
+            f"fp{bits}_e{ebits}m{mbits} is not a valid X-bit float: need ebits >= 1, mbits >= 0 and "
+            f"3 <= 1 + ebits + mbits <= 7 (fp8 is float8wo_e4m3 / float8wo_e5m2)"
+        )
+
+
+def floatx_magnitudes(ebits: int, mbits: int) -> torch.Tensor:
+    """float64 [2**(ebits+mbits)]: the magnitude of each non-negative code, increasing with the code."""
+    bias = 2 ** (ebits - 1) - 1
+    codes = torch.arange(2 ** (ebits + mbits), dtype=torch.int64)
+    e, m = codes >> mbits, codes & (2**mbits - 1)
+    subnormal = m.double() * 2.0 ** (1 - bias - mbits)
+    normal = (1 + m.double() / 2**mbits) * torch.pow(2.0, (e - bias).double())
+    return torch.where(e == 0, subnormal, normal)
+
+
+def floatx_max(ebits: int, mbits: int) -> float:
+    return float(floatx_magnitudes(ebits, mbits)[-1])
+
+
+def quantize_floatx(
+    w: torch.Tensor, ebits: int, mbits: int, scale_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """X-bit float, per output channel scale, round to nearest. w: [N, K] ->
+    (packed uint8 [N, K * X / 8], scale [N, 1])."""
+    check_floatx(ebits, mbits)
+    bits = 1 + ebits + mbits
+    mags = floatx_magnitudes(ebits, mbits).to(w.device)
+    wf = w.float()
+    scale = _safe_scale(wf.abs().amax(dim=-1, keepdim=True), float(mags[-1]), scale_dtype or w.dtype)
+    y = wf / scale.float()
+    midpoints = ((mags[1:] + mags[:-1]) / 2).float()
+    index = torch.bucketize(y.abs(), midpoints)  # nearest magnitude; clamps to the largest
+    codes = index | (torch.signbit(y).to(torch.int64) << (bits - 1))
+    return pack_uintx(codes, bits), scale
+
+
+def dequantize_floatx(
+    packed: torch.Tensor, scale: torch.Tensor, ebits: int, mbits: int, k: int
+) -> torch.Tensor:
+    """packed uint8 [N, K * X / 8], scale [N, 1] -> float32 [N, K]."""
+    bits = 1 + ebits + mbits
+    mags = floatx_magnitudes(ebits, mbits).float().to(packed.device)
+    table = torch.cat([mags, -mags])  # code = sign << (bits - 1) | magnitude index
+    codes = unpack_uintx(packed, bits, k).long()
+    return table[codes] * scale.float()
+
+
+def quantize_fp8(
+    w: torch.Tensor, fp8: str, per_tensor: bool = False, scale_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp8 (`fp8` in 'e4m3', 'e5m2'), scale per output channel [N, 1] or per tensor [1, 1].
+    w: [N, K] -> (q float8 [N, K], scale)."""
+    dtype = FP8_DTYPES[fp8]
+    wf = w.float()
+    absmax = wf.abs().amax() if per_tensor else wf.abs().amax(dim=-1, keepdim=True)
+    scale = _safe_scale(absmax.reshape(-1, 1), torch.finfo(dtype).max, scale_dtype or w.dtype)
+    fmax = torch.finfo(dtype).max
+    q = (wf / scale.float()).clamp_(-fmax, fmax).to(dtype)
+    return q, scale
+
+
+def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """q float8 [N, K], scale [N, 1] or [1, 1] -> float32 [N, K]."""
+    return q.float() * scale.float()
+
+
+def quantize_int8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic symmetric int8 per row. x: [M, K] -> (q int8 [M, K], scale float32 [M, 1])."""
+    xf = x.float()
+    absmax = xf.abs().amax(dim=-1, keepdim=True)
+    scale = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax))
+    return torch.round(xf / scale).clamp_(-127, 127).to(torch.int8), scale
+
+
+def quantize_fp8_dynamic(x: torch.Tensor, fp8: str, per_row: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic fp8 per row ([M, 1] scale) or per tensor ([1, 1] scale). x: [M, K]."""
+    dtype = FP8_DTYPES[fp8]
+    xf = x.float()
+    absmax = xf.abs().amax(dim=-1, keepdim=True) if per_row else xf.abs().amax().reshape(1, 1)
+    fmax = torch.finfo(dtype).max
+    scale = torch.where(absmax > 0, absmax / fmax, torch.ones_like(absmax))
+    return (xf / scale).clamp_(-fmax, fmax).to(dtype), scale
+
+
+def quantize_fp8_static(x: torch.Tensor, fp8: str, scale: torch.Tensor) -> torch.Tensor:
+    """Static fp8 with a calibrated scale (a [1, 1] float32 tensor). x: [M, K] -> float8 [M, K]."""
+    dtype = FP8_DTYPES[fp8]
+    fmax = torch.finfo(dtype).max
+    return (x.float() / scale).clamp_(-fmax, fmax).to(dtype)

@@ -1,0 +1,17 @@
+"""quantrt: a compile-first quantized inference runtime for PyTorch transformers."""
+
+from importlib.metadata import PackageNotFoundError, version as _version
+
+from .calibrate import calibrate
+from .config import QuantConfig
+from .modules import LayerReport, QuantizedLinear, quantize_
+from .schemes import Scheme, resolve_scheme
+from .transformer import QuantizedTransformer
+
+try:
+    __version__ = _version("quantrt")
+except PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "0.0.0+source"
+
+__all__ = ["QuantConfig", "QuantizedLinear", "QuantizedTransformer", "LayerReport", "Scheme", "calibrate",
+           "quantize_", "resolve_scheme", "__version__"]

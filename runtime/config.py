@@ -1,0 +1,154 @@
+"""`QuantConfig`: which scheme each Linear layer gets, which layers stay in full precision, which backend."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from .schemes import PARAMETRIZED, Scheme, resolve_scheme
+
+BACKENDS = ("auto", "triton", "torchao", "quanto", "reference")
+_VARIANT_KWARGS = ("dtype", "bits", "ebits", "mbits", "weight_dtype", "granularity")
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What the config says for one layer: its scheme, or None and why it stays in full precision."""
+
+    scheme: Scheme | None
+    reason: str = ""
+
+
+class QuantConfig:
+    """How to quantize a model.
+
+    QuantConfig("int4wo", group_size=64)                    # a torchao/diffusers shorthand or long name
+    QuantConfig(weights_dtype="int4")                       # quanto style
+    QuantConfig("fpx_weight_only", ebits=3, mbits=2)        # torchao long name with its arguments
+    QuantConfig("int8wo", modules_to_not_convert=["proj_out"],
+                modules={"re:.*ff\\..*": "int4wo", "norm_out.linear": None}, backend="auto")
+
+    modules_to_not_convert: a layer is skipped when its full name equals an entry or starts with
+    entry + "." (torchao/diffusers), or when its own (child) name equals an entry (quanto).
+    modules: per-module overrides, exact module name or "re:<regex>" (full match) -> scheme name,
+    QuantConfig, or None (keep full precision). Exact names win over regexes; regexes are tried in order.
+    backend: "auto" (triton, torchao, quanto, reference: the first that can serve), or one of them.
+    activation_scale: the calibrated activation scale of float8_static_activation_float8_weight, if known
+    (else run `quantrt.calibrate`).
+    """
+
+    def __init__(
+        self,
+        scheme: str | Scheme | None = None,
+        *,
+        group_size: int | None = None,
+        weights_dtype: str | None = None,
+        modules_to_not_convert: list[str] | tuple[str, ...] | None = None,
+        modules: Mapping[str, str | QuantConfig | None] | None = None,
+        backend: str = "auto",
+        activation_scale: float | None = None,
+        **scheme_kwargs: Any,
+    ):
+        if scheme is not None and weights_dtype is not None:
+            raise ValueError(f"give either a scheme ({scheme!r}) or quanto's weights_dtype ({weights_dtype!r}), not both")
+        if scheme is None and weights_dtype is None:
+            raise ValueError("QuantConfig needs a scheme, e.g. QuantConfig('int8wo'), or weights_dtype='int8'")
+        unknown = set(scheme_kwargs) - set(_VARIANT_KWARGS)
+        if unknown:
+            raise TypeError(f"QuantConfig got unexpected keyword arguments {sorted(unknown)}; scheme variants "
+                            f"take {', '.join(_VARIANT_KWARGS)}")
+        if scheme_kwargs and not (isinstance(scheme, str) and scheme.strip().lower() in PARAMETRIZED):
+            raise TypeError(f"{sorted(scheme_kwargs)} only apply to the long names {', '.join(PARAMETRIZED)}")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        self.scheme = resolve_scheme(scheme if scheme is not None else weights_dtype, group_size, **scheme_kwargs)
+        self.requested = scheme if scheme is not None else weights_dtype
+        self.group_size = group_size
+        self.weights_dtype = weights_dtype
+        self.modules_to_not_convert = list(modules_to_not_convert or [])
+        self.backend = backend
+        self.activation_scale = activation_scale
+        self.scheme_kwargs = dict(scheme_kwargs)
+        self.modules: dict[str, QuantConfig | None] = {}
+        for key, value in (modules or {}).items():
+            if value is None or isinstance(value, QuantConfig):
+                self.modules[key] = value
+            else:
+                self.modules[key] = QuantConfig(value, backend=backend)
+            if key.startswith("re:"):
+                try:
+                    re.compile(key[3:])
+                except re.error as e:
+                    raise ValueError(f"modules override {key!r} is not a valid regex: {e}") from e
+        self._regexes = [(re.compile(k[3:]), v) for k, v in self.modules.items() if k.startswith("re:")]
+
+    @classmethod
+    def coerce(cls, config: str | Scheme | QuantConfig | Mapping[str, Any]) -> QuantConfig:
+        """A scheme name, a Scheme, a dict of QuantConfig arguments or a QuantConfig -> QuantConfig."""
+        if isinstance(config, QuantConfig):
+            return config
+        if isinstance(config, (str, Scheme)):
+            return cls(config)
+        if isinstance(config, Mapping):
+            return cls(**config)
+        raise TypeError(
+            f"cannot use {type(config).__name__} as a quantization config; pass a scheme name such as "
+            f"'int8wo', a QuantConfig, or a dict of QuantConfig arguments"
+        )
+
+    def skipped(self, name: str) -> str | None:
+        """The modules_to_not_convert entry that excludes module `name`, if any."""
+        child = name.rsplit(".", 1)[-1]
+        for entry in self.modules_to_not_convert:
+            if name == entry or name.startswith(entry + ".") or child == entry:
+                return entry
+        return None
+
+    def override(self, name: str) -> tuple[bool, QuantConfig | None]:
+        """(matched, config) of the per-module override for `name`."""
+        if name in self.modules:
+            return True, self.modules[name]
+        for pattern, value in self._regexes:
+            if pattern.fullmatch(name):
+                return True, value
+        return False, None
+
+    def plan(self, name: str) -> LayerPlan:
+        """The scheme for the Linear layer `name`, or None with the reason."""
+        entry = self.skipped(name)
+        if entry is not None:
+            return LayerPlan(None, f"modules_to_not_convert: {entry!r}")
+        matched, value = self.override(name)
+        if matched:
+            return LayerPlan(None, "override: keep full precision") if value is None else LayerPlan(value.scheme)
+        return LayerPlan(self.scheme)
+
+    def backend_for(self, name: str) -> str:
+        matched, value = self.override(name)
+        return value.backend if matched and value is not None and value.backend != "auto" else self.backend
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able description (saved with the model)."""
+        return {
+            "scheme": self.scheme.name,
+            "group_size": self.scheme.group_size,
+            "requested": str(self.requested),
+            "modules_to_not_convert": self.modules_to_not_convert,
+            "modules": {k: (None if v is None else v.to_dict()) for k, v in self.modules.items()},
+            "backend": self.backend,
+            "activation_scale": self.activation_scale,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> QuantConfig:
+        modules = {k: (None if v is None else cls.from_dict(v)) for k, v in data.get("modules", {}).items()}
+        return cls(data["scheme"], group_size=data.get("group_size"),
+                   modules_to_not_convert=data.get("modules_to_not_convert"), modules=modules,
+                   backend=data.get("backend", "auto"), activation_scale=data.get("activation_scale"))
+
+    def __repr__(self) -> str:
+        extras = "".join(f", {k}={v!r}" for k, v in (
+            ("modules_to_not_convert", self.modules_to_not_convert), ("modules", list(self.modules)),
+            ("backend", self.backend)) if v and v != "auto")
+        return f"QuantConfig({self.scheme.name!r}, group_size={self.scheme.group_size}{extras})"

@@ -1,0 +1,127 @@
+"""`QuantizedLinear` and `quantize_`: swap a model's nn.Linear layers for quantized ones, in place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from .backends import Backend, get_backend, select_backend
+from .config import QuantConfig
+from .schemes import Scheme
+
+
+class QuantizedLinear(nn.Module):
+    """A Linear layer whose weight is stored quantized (buffers named by `Scheme.tensor_specs`:
+    qweight, scale, and zero / act_scale where the scheme has them) and whose matmul runs in `backend`."""
+
+    def __init__(self, in_features: int, out_features: int, scheme: Scheme, bias: bool = True,
+                 dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None,
+                 backend: Backend | None = None, name: str = ""):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.scheme = scheme
+        self.name = name
+        specs = scheme.tensor_specs(out_features, in_features, dtype)
+        for key, (shape, tensor_dtype) in specs.items():
+            self.register_buffer(key, torch.empty(shape, dtype=tensor_dtype, device=device))
+        self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
+        self.backend = backend if backend is not None else get_backend("reference")
+        self.backend_reason = ""
+        # fp8 static activations need a calibrated scale before the first forward (quantrt.calibrate)
+        self.calibrated = scheme.activation != "fp8_static"
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, scheme: Scheme, backend: Backend, name: str = "") -> QuantizedLinear:
+        weight = linear.weight.detach()
+        if not torch.isfinite(weight).all():
+            bad = (~torch.isfinite(weight)).sum().item()
+            raise ValueError(f"layer {name!r}: its weight {tuple(weight.shape)} has {bad} NaN/Inf values and "
+                             f"cannot be quantized; fix the checkpoint or keep the layer in full precision with "
+                             f"modules_to_not_convert=[{name!r}]")
+        layer = cls(linear.in_features, linear.out_features, scheme, linear.bias is not None,
+                    dtype=weight.dtype, device=weight.device, backend=backend, name=name)
+        for key, tensor in scheme.quantize(weight).items():
+            getattr(layer, key).copy_(tensor)
+        if linear.bias is not None:
+            layer.bias.copy_(linear.bias.detach())
+        backend.prepare(layer)
+        return layer
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The stored quantized tensors by name."""
+        return {key: getattr(self, key) for key in self.scheme.tensor_specs(1, self.in_features, torch.float32)}
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight [N, K] in float32, as the reference computes it."""
+        return self.scheme.dequantize(self.tensors(), self.in_features)
+
+    def storage_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.buffers())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backend.linear(self, x)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"scheme={self.scheme.name}, backend={self.backend.name}, bias={self.bias is not None}")
+
+
+@dataclass
+class LayerReport:
+    """One Linear layer of a quantized model: what happened to it and why."""
+
+    name: str
+    out_features: int
+    in_features: int
+    scheme: str  # scheme name, or "none" for a layer kept in full precision
+    backend: str
+    why: str
+    bytes: int
+    full_precision_bytes: int
+
+    @property
+    def quantized(self) -> bool:
+        return self.scheme != "none"
+
+
+def _linear_bytes(linear: nn.Linear) -> int:
+    return sum(p.numel() * p.element_size() for p in linear.parameters())
+
+
+def quantize_(model: nn.Module, config: str | QuantConfig, *, progress: bool | None = None) -> list[LayerReport]:
+    """Replace every nn.Linear of `model` in place by a QuantizedLinear as `config` says (torchao-style).
+    Returns one LayerReport per Linear layer, quantized or kept. `progress`: None shows a progress bar on
+    a terminal, True always, False never."""
+    config = QuantConfig.coerce(config)
+    linears = [(name, module) for name, module in model.named_modules() if type(module) is nn.Linear]
+    if isinstance(model, nn.Linear):
+        raise TypeError("quantize_ swaps the Linear layers inside a model; wrap a lone nn.Linear in a module "
+                        "(e.g. nn.Sequential(linear)) first")
+    reports = []
+    bar = tqdm(linears, desc="quantizing", unit="layer", disable=(not progress) if progress is not None else None)
+    for name, linear in bar:
+        plan = config.plan(name)
+        fp_bytes = _linear_bytes(linear)
+        shape = (linear.out_features, linear.in_features)
+        why = plan.reason
+        if plan.scheme is not None:
+            why = plan.scheme.unsupported_reason(*shape) or ""
+            if why:
+                why = f"kept in full precision: {why}"
+        if plan.scheme is None or why:
+            reports.append(LayerReport(name, *shape, "none", "torch", why, fp_bytes, fp_bytes))
+            continue
+        backend, how = select_backend(plan.scheme, linear.weight.device, config.backend_for(name), name)
+        layer = QuantizedLinear.from_linear(linear, plan.scheme, backend, name)
+        layer.backend_reason = how
+        if "act_scale" in layer.tensors():
+            # NaN marks a scale not yet calibrated (quantrt.calibrate), also in a saved model
+            layer.act_scale.fill_(float("nan") if config.activation_scale is None else config.activation_scale)
+            layer.calibrated = config.activation_scale is not None
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        reports.append(LayerReport(name, *shape, plan.scheme.name, backend.name, how, layer.storage_bytes(), fp_bytes))
+    return reports

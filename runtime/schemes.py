@@ -1,0 +1,284 @@
+"""Quantization schemes: what a name means, how a weight is stored, and how to get it back.
+
+A `Scheme` is data: the weight format (int8, uintX, fpX, fp8), its parameters, and the activation
+treatment. `resolve_scheme` turns any accepted spelling (torchao/diffusers shorthand or long name, quanto
+weights dtype or qtype) into one. Storage and its inverse live in `quantrt.kernels.quantize`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, replace
+
+import torch
+
+from .kernels import quantize as Q
+from .kernels.packing import k_alignment, packed_bytes
+
+WEIGHT_KINDS = ("int8", "uintx", "fpx", "fp8")
+ACTIVATIONS = ("none", "int8_token", "fp8_tensor", "fp8_row", "fp8_static")
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """One quantization scheme. `group_size` None means one scale per output channel (or per tensor for
+    the fp8 per-tensor schemes, see `per_tensor`)."""
+
+    name: str
+    weight: str
+    bits: int
+    group_size: int | None = None
+    ebits: int = 0
+    mbits: int = 0
+    fp8: str = ""
+    per_tensor: bool = False
+    activation: str = "none"
+
+    @property
+    def weight_only(self) -> bool:
+        return self.activation == "none"
+
+    @property
+    def format(self) -> str:
+        """The storage format's name: int8, uint4, fp6_e3m2, fp8_e4m3."""
+        if self.weight == "int8":
+            return "int8"
+        if self.weight == "uintx":
+            return f"uint{self.bits}"
+        if self.weight == "fpx":
+            return f"fp{self.bits}_e{self.ebits}m{self.mbits}"
+        return f"fp8_{self.fp8}"
+
+    def describe(self) -> str:
+        """A human-readable one-liner: format, grouping and activations."""
+        grouping = "per tensor" if self.per_tensor else (
+            f"group {self.group_size}" if self.group_size else "per channel")
+        act = {"none": "bf16/fp16 activations", "int8_token": "int8 per-token activations",
+               "fp8_tensor": "fp8 per-tensor activations", "fp8_row": "fp8 per-row activations",
+               "fp8_static": "fp8 static-scale activations"}[self.activation]
+        return f"{self.format} weights, {grouping}, {act}"
+
+    def unsupported_reason(self, n: int, k: int) -> str | None:
+        """Why a [n, k] weight cannot be stored in this scheme, or None if it can."""
+        if self.group_size is not None and k % self.group_size:
+            return f"K={k} is not a multiple of group_size={self.group_size}"
+        if self.weight in ("uintx", "fpx") and k % k_alignment(self.bits):
+            return f"K={k} is not a multiple of {k_alignment(self.bits)}, needed to pack {self.bits}-bit codes"
+        return None
+
+    def tensor_specs(self, n: int, k: int, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Name -> (shape, dtype) of every tensor this scheme stores for an [n, k] weight whose group
+        parameters are kept in `dtype`. fp8 codes are stored as uint8 (their bits), so that
+        `module.to(dtype)` never converts them."""
+        groups = 1 if self.group_size is None else k // self.group_size
+        if self.weight == "int8":
+            return {"qweight": ((n, k), torch.int8), "scale": ((n, groups), dtype)}
+        if self.weight == "uintx":
+            return {"qweight": ((n, packed_bytes(k, self.bits)), torch.uint8),
+                    "scale": ((n, groups), dtype), "zero": ((n, groups), dtype)}
+        if self.weight == "fpx":
+            return {"qweight": ((n, packed_bytes(k, self.bits)), torch.uint8), "scale": ((n, 1), dtype)}
+        specs = {"qweight": ((n, k), torch.uint8), "scale": ((1 if self.per_tensor else n, 1), dtype)}
+        if self.activation == "fp8_static":
+            specs["act_scale"] = ((1, 1), torch.float32)
+        return specs
+
+    def quantize(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        """weight [N, K] (float) -> the stored tensors of `tensor_specs`."""
+        if self.weight == "int8":
+            q, s = Q.quantize_int8(weight, self.group_size)
+            return {"qweight": q, "scale": s}
+        if self.weight == "uintx":
+            q, s, z = Q.quantize_uintx(weight, self.bits, self.group_size)
+            return {"qweight": q, "scale": s, "zero": z}
+        if self.weight == "fpx":
+            q, s = Q.quantize_floatx(weight, self.ebits, self.mbits)
+            return {"qweight": q, "scale": s}
+        q, s = Q.quantize_fp8(weight, self.fp8, per_tensor=self.per_tensor)
+        return {"qweight": q.view(torch.uint8), "scale": s}
+
+    def dequantize(self, tensors: dict[str, torch.Tensor], k: int) -> torch.Tensor:
+        """The stored tensors -> float32 weight [N, K]."""
+        q, s = tensors["qweight"], tensors["scale"]
+        if self.weight == "int8":
+            return Q.dequantize_int8(q, s)
+        if self.weight == "uintx":
+            return Q.dequantize_uintx(q, s, tensors["zero"], self.bits, k)
+        if self.weight == "fpx":
+            return Q.dequantize_floatx(q, s, self.ebits, self.mbits, k)
+        return Q.dequantize_fp8(q.view(Q.FP8_DTYPES[self.fp8]), s)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "group_size": self.group_size}
+
+
+def _int8(name: str, group_size: int | None, activation: str = "none") -> Scheme:
+    return Scheme(name, "int8", 8, group_size=group_size, activation=activation)
+
+
+def _uintx(name: str, bits: int, group_size: int, activation: str = "none") -> Scheme:
+    return Scheme(name, "uintx", bits, group_size=group_size, activation=activation)
+
+
+def _fpx(ebits: int, mbits: int) -> Scheme:
+    Q.check_floatx(ebits, mbits)
+    bits = 1 + ebits + mbits
+    return Scheme(f"fp{bits}_e{ebits}m{mbits}", "fpx", bits, ebits=ebits, mbits=mbits)
+
+
+def _fp8(name: str, fp8: str, per_tensor: bool = False, activation: str = "none") -> Scheme:
+    return Scheme(name, "fp8", 8, fp8=fp8, per_tensor=per_tensor, activation=activation)
+
+
+def _default_fpx(bits: int) -> tuple[int, int]:
+    # diffusers' convention: fpX alone takes ceil((X - 1) / 2) exponent bits
+    ebits = bits // 2
+    return ebits, bits - 1 - ebits
+
+
+# Canonical schemes by name, with their defaults. Aliases below map onto these names.
+SCHEMES: dict[str, Scheme] = {
+    "int8wo": _int8("int8wo", None),
+    "int4wo": _uintx("int4wo", 4, 128),
+    **{f"uint{b}wo": _uintx(f"uint{b}wo", b, 64) for b in range(1, 8)},
+    "float8wo_e5m2": _fp8("float8wo_e5m2", "e5m2"),
+    "float8wo_e4m3": _fp8("float8wo_e4m3", "e4m3"),
+    **{s.name: s for bits in range(3, 8) for e in range(1, bits) for s in [_fpx(e, bits - 1 - e)]},
+    "int8dq": _int8("int8dq", None, "int8_token"),
+    "int4dq": _uintx("int4dq", 4, 32, "int8_token"),
+    "float8dq_e4m3_tensor": _fp8("float8dq_e4m3_tensor", "e4m3", True, "fp8_tensor"),
+    "float8dq_e4m3_row": _fp8("float8dq_e4m3_row", "e4m3", False, "fp8_row"),
+    "float8_static_activation_float8_weight": _fp8(
+        "float8_static_activation_float8_weight", "e4m3", True, "fp8_static"),
+}
+
+ALIASES: dict[str, str] = {
+    "int8_weight_only": "int8wo",
+    "int_a16w8": "int8wo",
+    "int4_weight_only": "int4wo",
+    "int_a16w4": "int4wo",
+    **{f"uint_a16w{b}": f"uint{b}wo" for b in range(1, 8)},
+    "float8wo": "float8wo_e5m2",  # diffusers' legacy meaning
+    "float8_weight_only": "float8wo_e4m3",  # torchao's default weight dtype
+    "float8wo_e4m3fn": "float8wo_e4m3",
+    **{f"fp{b}": _fpx(*_default_fpx(b)).name for b in range(3, 8)},
+    **{f"fp{b}wo": _fpx(*_default_fpx(b)).name for b in range(3, 8)},
+    "int8_dynamic_activation_int8_weight": "int8dq",
+    "int_a8w8": "int8dq",
+    "int8_dynamic_activation_int4_weight": "int4dq",
+    "int_a8w4": "int4dq",
+    "float8dq": "float8dq_e4m3_tensor",
+    "float8dq_e4m3": "float8dq_e4m3_tensor",
+    "float8_dynamic_activation_float8_weight": "float8dq_e4m3_tensor",
+    "float8_static": "float8_static_activation_float8_weight",
+    "float8sq": "float8_static_activation_float8_weight",
+}
+
+# optimum-quanto weights dtypes and qtypes
+QUANTO_WEIGHTS: dict[str, Scheme] = {
+    "int8": SCHEMES["int8wo"],
+    "qint8": SCHEMES["int8wo"],
+    "int4": replace(SCHEMES["int4wo"], group_size=128),
+    "qint4": replace(SCHEMES["int4wo"], group_size=128),
+    "int2": replace(SCHEMES["uint2wo"], group_size=128),
+    "qint2": replace(SCHEMES["uint2wo"], group_size=128),
+    "float8": SCHEMES["float8wo_e4m3"],
+    "qfloat8": SCHEMES["float8wo_e4m3"],
+    "float8_e4m3fn": SCHEMES["float8wo_e4m3"],
+    "qfloat8_e4m3fn": SCHEMES["float8wo_e4m3"],
+    "float8_e5m2": SCHEMES["float8wo_e5m2"],
+    "qfloat8_e5m2": SCHEMES["float8wo_e5m2"],
+}
+
+# long names that take their variant from keyword arguments (torchao's signatures)
+PARAMETRIZED = ("uintx_weight_only", "fpx_weight_only", "float8_weight_only",
+                "float8_dynamic_activation_float8_weight")
+
+_FPX = re.compile(r"^fp(\d)_e(\d)[mw](\d)$")
+
+
+def valid_names() -> list[str]:
+    """Every accepted scheme spelling, canonical names first."""
+    names = list(SCHEMES) + list(ALIASES) + list(PARAMETRIZED) + list(QUANTO_WEIGHTS)
+    return list(dict.fromkeys(names))
+
+
+def _unknown(name: str) -> ValueError:
+    close = difflib.get_close_matches(name, valid_names(), n=3, cutoff=0.5)
+    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    listing = ", ".join(list(SCHEMES)[:9] + ["fpX_eAmB (3 <= X <= 7)"] + list(SCHEMES)[-5:])
+    return ValueError(
+        f"unknown quantization scheme {name!r}.{hint} Valid schemes: {listing}; aliases: "
+        f"{', '.join(sorted(set(ALIASES) - {a for a in ALIASES if a.startswith('fp')}))}, fpX; "
+        f"quanto weights dtypes: {', '.join(QUANTO_WEIGHTS)}."
+    )
+
+
+def _dtype_name(value) -> str:
+    return str(value).replace("torch.", "").lower()
+
+
+def _parametrized(name: str, kwargs: dict) -> Scheme:
+    if name == "uintx_weight_only":
+        dtype, bits = kwargs.pop("dtype", None), kwargs.pop("bits", None)
+        if bits is None and dtype is not None:
+            match = re.fullmatch(r"uint(\d)", _dtype_name(dtype))
+            bits = int(match.group(1)) if match else None
+        if bits is None or not 1 <= int(bits) <= 7:
+            raise ValueError(f"uintx_weight_only needs dtype=torch.uint1 .. torch.uint7 (or bits=1..7), got {dtype!r}")
+        return SCHEMES[f"uint{int(bits)}wo"]
+    if name == "fpx_weight_only":
+        if "ebits" not in kwargs or "mbits" not in kwargs:
+            raise ValueError("fpx_weight_only needs ebits= and mbits=, e.g. QuantConfig('fpx_weight_only', ebits=3, mbits=2)")
+        return _fpx(int(kwargs.pop("ebits")), int(kwargs.pop("mbits")))
+    if name == "float8_weight_only":
+        fp8 = _dtype_name(kwargs.pop("weight_dtype", "float8_e4m3fn"))
+        return SCHEMES["float8wo_e5m2" if "e5m2" in fp8 else "float8wo_e4m3"]
+    granularity = kwargs.pop("granularity", "tensor")
+    granularity = _dtype_name(granularity[0] if isinstance(granularity, (tuple, list)) else granularity)
+    return SCHEMES["float8dq_e4m3_row" if "row" in granularity else "float8dq_e4m3_tensor"]
+
+
+def _check_group_size(scheme: Scheme, group_size: int) -> None:
+    if scheme.weight in ("fpx", "fp8"):
+        raise ValueError(f"{scheme.name} uses one scale per output channel and takes no group_size "
+                         f"(got {group_size}); use int8wo, int4wo or uintXwo for grouped scales")
+    if group_size < 8 or group_size & (group_size - 1):
+        raise ValueError(f"{scheme.name}: group_size must be a power of two >= 8 (32, 64, 128, 256 are "
+                         f"usual), got {group_size}")
+
+
+def resolve_scheme(name: str | Scheme, group_size: int | None = None, **kwargs) -> Scheme:
+    """Any accepted spelling -> Scheme. `group_size` overrides the scheme's default; keyword arguments
+    carry the variant of torchao's long names (dtype=, ebits=/mbits=, weight_dtype=, granularity=)."""
+    if isinstance(name, Scheme):
+        scheme = name
+    else:
+        if not isinstance(name, str):
+            raise TypeError(f"a scheme is a string such as 'int8wo', got {type(name).__name__}")
+        key = name.strip().lower()
+        fpx = _FPX.match(key)
+        if key in SCHEMES:
+            scheme = SCHEMES[key]
+        elif key in ALIASES:
+            scheme = SCHEMES[ALIASES[key]]
+        elif key in QUANTO_WEIGHTS:
+            scheme = QUANTO_WEIGHTS[key]
+        elif key in PARAMETRIZED:
+            kwargs = dict(kwargs)
+            scheme = _parametrized(key, kwargs)
+        elif fpx:
+            bits, ebits, mbits = map(int, fpx.groups())
+            if bits != 1 + ebits + mbits:
+                raise ValueError(f"{name!r}: an X-bit float has X = 1 + exponent + mantissa bits, "
+                                 f"but 1 + {ebits} + {mbits} != {bits}")
+            scheme = _fpx(ebits, mbits)
+        else:
+            raise _unknown(name)
+    if group_size is not None and group_size != -1:
+        _check_group_size(scheme, int(group_size))
+        scheme = replace(scheme, group_size=int(group_size))
+    elif group_size == -1 and scheme.weight == "int8":
+        scheme = replace(scheme, group_size=None)
+    return scheme
