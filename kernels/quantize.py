@@ -54,20 +54,51 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return w.reshape(n, k)
 
 
+def _uintx_params(lo: torch.Tensor, hi: torch.Tensor, qmax: float,
+                  scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = _safe_scale(hi - lo, qmax, scale_dtype)
+    return scale, (-lo / scale.float()).to(scale_dtype)
+
+
+def _uintx_codes(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: float) -> torch.Tensor:
+    # wg: [N, G, g] float32; scale/zero: [N, G] -> float32 codes [N, G, g]
+    return torch.round(wg / scale.float().unsqueeze(-1) + zero.float().unsqueeze(-1)).clamp_(0, qmax)
+
+
+def _uintx_group_mse(wg, codes, scale, zero) -> torch.Tensor:
+    dq = (codes - zero.float().unsqueeze(-1)) * scale.float().unsqueeze(-1)
+    return (dq - wg).square_().mean(dim=-1)
+
+
+# range shrink factors tried per group at <= 4 bits, where clipping outliers beats covering them
+_CLIP_SEARCH = tuple(1.0 - 0.05 * i for i in range(16))
+
+
 def quantize_uintx(
     w: torch.Tensor, bits: int, group_size: int, scale_dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric grouped X-bit. w: [N, K] -> (packed uint8 [N, K * bits / 8], scale [N, K // g],
-    zero [N, K // g]). The group's [min, max] maps onto [0, 2**bits - 1]; the zero point is a float
-    (rounded to scale_dtype before the codes are chosen, so the codes fit the stored parameters)."""
+    zero [N, K // g]). A group's range [lo, hi] maps onto the codes [0, 2**bits - 1]; the zero point is a
+    float, rounded to scale_dtype before the codes are chosen so that the codes fit the stored parameters.
+    At <= 4 bits the range is shrunk about its middle when that lowers the group's mean squared error
+    (min/max ranges waste most codes on outliers there: 1-bit min/max is worse than zeros)."""
     scale_dtype = scale_dtype or w.dtype
     qmax = float(2**bits - 1)
     wg = _grouped(w, group_size)
     lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
-    scale = _safe_scale(hi - lo, qmax, scale_dtype)
-    zero = (-lo / scale.float()).to(scale_dtype)
-    q = torch.round(wg / scale.float().unsqueeze(-1) + zero.float().unsqueeze(-1)).clamp_(0, qmax)
-    return pack_uintx(q.to(torch.uint8).reshape(w.shape), bits), scale, zero
+    scale, zero = _uintx_params(lo, hi, qmax, scale_dtype)
+    codes = _uintx_codes(wg, scale, zero, qmax)
+    if bits <= 4:
+        mid, best = (lo + hi) / 2, _uintx_group_mse(wg, codes, scale, zero)
+        for shrink in _CLIP_SEARCH[1:]:
+            s, z = _uintx_params(mid + (lo - mid) * shrink, mid + (hi - mid) * shrink, qmax, scale_dtype)
+            c = _uintx_codes(wg, s, z, qmax)
+            err = _uintx_group_mse(wg, c, s, z)
+            better = err < best
+            best = torch.where(better, err, best)
+            scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)
+            codes = torch.where(better.unsqueeze(-1), c, codes)
+    return pack_uintx(codes.to(torch.uint8).reshape(w.shape), bits), scale, zero
 
 
 def dequantize_uintx(

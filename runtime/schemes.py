@@ -259,15 +259,19 @@ def resolve_scheme(name: str | Scheme, group_size: int | None = None, **kwargs) 
             raise TypeError(f"a scheme is a string such as 'int8wo', got {type(name).__name__}")
         key = name.strip().lower()
         fpx = _FPX.match(key)
-        if key in SCHEMES:
+        if kwargs and key not in PARAMETRIZED:
+            raise TypeError(f"{sorted(kwargs)} only apply to the long names {', '.join(PARAMETRIZED)}, not {name!r}")
+        if key in PARAMETRIZED and (kwargs or key not in ALIASES):
+            kwargs = dict(kwargs)
+            scheme = _parametrized(key, kwargs)
+            if kwargs:
+                raise TypeError(f"{name!r} got unexpected arguments {sorted(kwargs)}")
+        elif key in SCHEMES:
             scheme = SCHEMES[key]
         elif key in ALIASES:
             scheme = SCHEMES[ALIASES[key]]
         elif key in QUANTO_WEIGHTS:
             scheme = QUANTO_WEIGHTS[key]
-        elif key in PARAMETRIZED:
-            kwargs = dict(kwargs)
-            scheme = _parametrized(key, kwargs)
         elif fpx:
             bits, ebits, mbits = map(int, fpx.groups())
             if bits != 1 + ebits + mbits:

@@ -84,6 +84,9 @@ def select_backend(scheme: Scheme, device: torch.device, argument: str = "auto",
     for name in ORDER:
         backend = get_backend(name)
         reason = "not part of this build" if backend is None else backend.unavailable_reason(scheme, device)
+        if reason is None and name == "triton" and device.type != "cuda":
+            # the interpreter proves kernel code but is orders of magnitude slower than any other backend
+            reason = "on CPU the Triton interpreter runs only when asked for (backend='triton')"
         if reason is None:
             return backend, "auto" + (f" ({'; '.join(passed)})" if passed else "")
         passed.append(f"{name}: {reason}")

@@ -1,0 +1,88 @@
+"""The main job on an embedded default: quantize a FLUX-architecture transformer (random weights) with
+several schemes, run it, and compare bytes, speed and output error with the unquantized model."""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from .config import QuantConfig
+from .models import build_flux, flux_inputs
+from .transformer import QuantizedTransformer, format_table, model_bytes
+
+DEFAULT_SCHEMES = ("int8wo", "int4wo", "uint4wo", "float8wo_e4m3", "fp6_e3m2", "int8dq")
+
+
+@dataclass
+class DemoRow:
+    scheme: str
+    weight_bytes: int
+    ratio_to_bf16: float
+    ms_per_forward: float
+    relative_error: float
+    backends: str
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def time_forward(model: torch.nn.Module, inputs: dict, device: torch.device, repeats: int) -> tuple[torch.Tensor, float]:
+    """(output, median milliseconds per forward) after one untimed warmup call."""
+    out = model(**inputs)
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        out = model(**inputs)
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return (out[0] if isinstance(out, tuple) else out), statistics.median(times)
+
+
+def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    """||y - ref|| / ||ref|| in float64."""
+    y, ref = y.detach().double(), ref.detach().double()
+    return float((y - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def run_demo(size: str = "small", schemes: Sequence[str] = DEFAULT_SCHEMES, device: str | None = None,
+             dtype: torch.dtype = torch.bfloat16, repeats: int = 3, backend: str = "auto",
+             echo: Callable[[str], None] = print) -> list[DemoRow]:
+    """Build the model, quantize a copy per scheme, and return (and print) one row per scheme."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    configs = [QuantConfig(s, backend=backend) for s in schemes]  # bad names fail before the model is built
+    echo(f"building FluxTransformer2DModel ({size}, random weights) on {device} in {dtype}")
+    model = build_flux(size, dtype=dtype, device=device)
+    inputs = flux_inputs(model)
+    bf16_bytes = model_bytes(model, torch.bfloat16)
+    reference, ms = time_forward(model, inputs, device, repeats)
+    rows = [DemoRow(f"none ({str(dtype).removeprefix('torch.')})", model_bytes(model),
+                    model_bytes(model) / bf16_bytes, ms, 0.0, "torch")]
+    for config in configs:
+        qt = QuantizedTransformer.from_model(copy.deepcopy(model), config)
+        if config.scheme.activation == "fp8_static":
+            from .calibrate import calibrate
+            calibrate(qt, [inputs])
+        out, ms = time_forward(qt, inputs, device, repeats)
+        used = Counter(r.backend for r in qt.summary() if r.quantized)
+        footprint = qt.memory_footprint()
+        rows.append(DemoRow(config.scheme.name, footprint, footprint / bf16_bytes, ms,
+                            relative_error(out, reference), ", ".join(f"{b} x{n}" for b, n in used.items())))
+        del qt
+    table = format_table(
+        ["scheme", "weight bytes", "ratio to bf16", "ms / forward", "rel. error", "backends (layers)"],
+        [[r.scheme, f"{r.weight_bytes:,}", f"{r.ratio_to_bf16:.3f}", f"{r.ms_per_forward:.1f}",
+          f"{r.relative_error:.4f}", r.backends] for r in rows])
+    tokens = inputs["hidden_states"].shape[1], inputs["encoder_hidden_states"].shape[1]
+    echo(f"\nFLUX {size}: {tokens[0]} image + {tokens[1]} text tokens, batch 1, eager, median of {repeats}\n")
+    echo(table)
+    return rows

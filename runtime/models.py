@@ -1,0 +1,75 @@
+"""Real architectures built from configs with random weights (no model hub is reachable from CI): a
+diffusers FluxTransformer2DModel at several sizes, and example inputs for it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+# FLUX.1-dev's transformer config (diffusers), and smaller ones of the same architecture.
+FLUX_SIZES: dict[str, dict[str, Any]] = {
+    # for tests: every Linear small, K of the attention and MLP layers a multiple of 128
+    "tiny": dict(patch_size=1, in_channels=32, num_layers=1, num_single_layers=1, attention_head_dim=64,
+                 num_attention_heads=2, joint_attention_dim=128, pooled_projection_dim=128,
+                 guidance_embeds=True, axes_dims_rope=(16, 24, 24)),
+    # the CPU demo: big enough that quantized layers dominate the bytes
+    "small": dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=64,
+                  num_attention_heads=6, joint_attention_dim=512, pooled_projection_dim=256,
+                  guidance_embeds=True, axes_dims_rope=(16, 24, 24)),
+    "full": dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                 num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                 guidance_embeds=True, axes_dims_rope=(16, 56, 56)),
+}
+
+# (image tokens, text tokens) of a forward per size; full: a 1024x1024 image (64x64 latent patches)
+FLUX_TOKENS: dict[str, tuple[int, int]] = {"tiny": (64, 16), "small": (256, 64), "full": (4096, 512)}
+
+
+def build_flux(size: str = "tiny", dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
+               seed: int = 0) -> torch.nn.Module:
+    """A FluxTransformer2DModel with `size`'s config and random weights (deterministic given `seed`)."""
+    from diffusers import FluxTransformer2DModel
+
+    if size not in FLUX_SIZES:
+        raise ValueError(f"unknown FLUX size {size!r}; choose one of {', '.join(FLUX_SIZES)}")
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = FluxTransformer2DModel(**FLUX_SIZES[size])
+    return model.to(dtype).eval()
+
+
+def flux_inputs(model: torch.nn.Module, image_tokens: int | None = None, text_tokens: int | None = None,
+                batch: int = 1, seed: int = 1) -> dict[str, torch.Tensor]:
+    """Keyword arguments of one FluxTransformer2DModel forward, random but deterministic given `seed`.
+    Token counts default to the model's size (FLUX_TOKENS); the model must be one `build_flux` made or
+    have the same config fields."""
+    cfg = model.config
+    default = next((FLUX_TOKENS[s] for s, c in FLUX_SIZES.items()
+                    if c["joint_attention_dim"] == cfg.joint_attention_dim and c["in_channels"] == cfg.in_channels),
+                   FLUX_TOKENS["tiny"])
+    image_tokens = image_tokens or default[0]
+    text_tokens = text_tokens or default[1]
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+    side = max(1, int(image_tokens**0.5))
+    img_ids = torch.zeros(image_tokens, 3)
+    img_ids[:, 1] = torch.arange(image_tokens) // side
+    img_ids[:, 2] = torch.arange(image_tokens) % side
+    inputs = dict(
+        hidden_states=randn(batch, image_tokens, cfg.in_channels),
+        encoder_hidden_states=randn(batch, text_tokens, cfg.joint_attention_dim),
+        pooled_projections=randn(batch, cfg.pooled_projection_dim),
+        timestep=torch.full((batch,), 0.5, device=device, dtype=dtype),
+        img_ids=img_ids.to(device=device, dtype=dtype),
+        txt_ids=torch.zeros(text_tokens, 3, device=device, dtype=dtype),
+        return_dict=False,
+    )
+    if cfg.guidance_embeds:
+        inputs["guidance"] = torch.full((batch,), 3.5, device=device, dtype=dtype)
+    return inputs

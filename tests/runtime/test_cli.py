@@ -1,0 +1,45 @@
+import subprocess
+import sys
+
+import pytest
+
+from quantrt.cli import main
+from quantrt.demo import run_demo
+
+
+def test_demo_on_the_tiny_model_prints_a_row_per_scheme(capsys):
+    rows = run_demo("tiny", ["int8wo", "uint3wo", "fp6_e3m2"], device="cpu", repeats=1, backend="reference")
+    out = capsys.readouterr().out
+    assert [r.scheme for r in rows] == ["none (bfloat16)", "int8wo", "uint3wo", "fp6_e3m2"]
+    for header in ("weight bytes", "ratio to bf16", "ms / forward", "rel. error"):
+        assert header in out
+    by_name = {r.scheme: r for r in rows}
+    assert by_name["int8wo"].ratio_to_bf16 < 0.6 and by_name["uint3wo"].ratio_to_bf16 < 0.35
+    assert 0 < by_name["int8wo"].relative_error < 0.03  # bf16 model: bf16 rounding on top of int8
+    assert by_name["int8wo"].relative_error < by_name["uint3wo"].relative_error < 0.3
+    assert all(r.ms_per_forward > 0 for r in rows)
+
+
+def test_cli_demo_and_info_in_process(capsys):
+    assert main(["demo", "--size", "tiny", "--schemes", "int4wo", "--repeats", "1", "--backend", "reference"]) == 0
+    assert "int4wo" in capsys.readouterr().out
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "torch" in out and "| scheme" in out and "reference" in out and "fp6_e3m2" in out
+
+
+def test_cli_bad_scheme_is_one_clear_line(capsys):
+    assert main(["demo", "--size", "tiny", "--schemes", "int4w0"]) == 1
+    err = capsys.readouterr().err
+    assert "Did you mean 'int4wo'" in err and "Traceback" not in err
+
+
+def test_console_script_help():
+    out = subprocess.run([sys.executable, "-m", "quantrt.cli", "demo", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    assert "--size" in out and "FLUX.1-dev" in out
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 2
+    assert "commands:" in capsys.readouterr().out

@@ -1,0 +1,111 @@
+import pytest
+import torch
+
+from quantrt.schemes import ALIASES, QUANTO_WEIGHTS, SCHEMES, resolve_scheme
+
+# every shorthand and long name of the seed documents (diffusers TorchAoConfig), with what it must mean
+SEED_NAMES = {
+    "int4wo": ("uint4", 128, "none"),
+    "int4_weight_only": ("uint4", 128, "none"),
+    "int4dq": ("uint4", 32, "int8_token"),
+    "int8_dynamic_activation_int4_weight": ("uint4", 32, "int8_token"),
+    "int8wo": ("int8", None, "none"),
+    "int8_weight_only": ("int8", None, "none"),
+    "int8dq": ("int8", None, "int8_token"),
+    "int8_dynamic_activation_int8_weight": ("int8", None, "int8_token"),
+    "float8wo": ("fp8_e5m2", None, "none"),
+    "float8wo_e5m2": ("fp8_e5m2", None, "none"),
+    "float8wo_e4m3": ("fp8_e4m3", None, "none"),
+    "float8_weight_only": ("fp8_e4m3", None, "none"),
+    "float8dq": ("fp8_e4m3", None, "fp8_tensor"),
+    "float8_dynamic_activation_float8_weight": ("fp8_e4m3", None, "fp8_tensor"),
+    "float8dq_e4m3": ("fp8_e4m3", None, "fp8_tensor"),
+    "float8dq_e4m3_tensor": ("fp8_e4m3", None, "fp8_tensor"),
+    "float8dq_e4m3_row": ("fp8_e4m3", None, "fp8_row"),
+    "float8_static_activation_float8_weight": ("fp8_e4m3", None, "fp8_static"),
+    **{f"uint{b}wo": (f"uint{b}", 64, "none") for b in range(1, 8)},
+    "fp3": ("fp3_e1m1", None, "none"),
+    "fp4": ("fp4_e2m1", None, "none"),
+    "fp5": ("fp5_e2m2", None, "none"),
+    "fp6": ("fp6_e3m2", None, "none"),
+    "fp7": ("fp7_e3m3", None, "none"),
+}
+SEED_NAMES.update({f"fp{x}_e{e}m{x - 1 - e}": (f"fp{x}_e{e}m{x - 1 - e}", None, "none")
+                   for x in range(3, 8) for e in range(1, x)})
+
+
+@pytest.mark.parametrize("name", sorted(SEED_NAMES))
+def test_every_seed_name_resolves(name):
+    fmt, group, activation = SEED_NAMES[name]
+    scheme = resolve_scheme(name)
+    assert (scheme.format, scheme.group_size, scheme.activation) == (fmt, group, activation)
+    assert resolve_scheme(name.upper()) == scheme  # case does not matter
+
+
+def test_every_alias_points_at_a_scheme():
+    for alias, target in ALIASES.items():
+        assert target in SCHEMES, alias
+
+
+def test_fpx_w_spelling_and_long_name():
+    assert resolve_scheme("fp6_e3w2") == resolve_scheme("fp6_e3m2")
+    assert resolve_scheme("fpx_weight_only", ebits=2, mbits=3).name == "fp6_e2m3"
+    with pytest.raises(ValueError, match="1 \\+ 3 \\+ 3 != 6"):
+        resolve_scheme("fp6_e3m3")
+    with pytest.raises(ValueError, match="ebits= and mbits="):
+        resolve_scheme("fpx_weight_only")
+
+
+def test_torchao_long_names_take_their_arguments():
+    assert resolve_scheme("uintx_weight_only", dtype=torch.uint3).name == "uint3wo"
+    assert resolve_scheme("uintx_weight_only", dtype="uint5", group_size=32).group_size == 32
+    assert resolve_scheme("float8_weight_only", weight_dtype=torch.float8_e5m2).name == "float8wo_e5m2"
+    assert resolve_scheme("float8_dynamic_activation_float8_weight", granularity="row").activation == "fp8_row"
+    with pytest.raises(ValueError, match="uint1 .. torch.uint7"):
+        resolve_scheme("uintx_weight_only")
+
+
+@pytest.mark.parametrize("name,fmt,group", [
+    ("int8", "int8", None), ("qint8", "int8", None), ("int4", "uint4", 128), ("qint4", "uint4", 128),
+    ("int2", "uint2", 128), ("qint2", "uint2", 128), ("float8", "fp8_e4m3", None),
+    ("qfloat8_e4m3fn", "fp8_e4m3", None), ("qfloat8_e5m2", "fp8_e5m2", None)])
+def test_quanto_weights_dtypes(name, fmt, group):
+    scheme = resolve_scheme(name)
+    assert (scheme.format, scheme.group_size, scheme.weight_only) == (fmt, group, True)
+    assert name in QUANTO_WEIGHTS
+
+
+def test_group_size_overrides_and_checks():
+    assert resolve_scheme("int4wo", group_size=32).group_size == 32
+    assert resolve_scheme("int8wo", group_size=64).group_size == 64
+    assert resolve_scheme("int8wo", group_size=-1).group_size is None
+    with pytest.raises(ValueError, match="power of two"):
+        resolve_scheme("int4wo", group_size=48)
+    with pytest.raises(ValueError, match="takes no group_size"):
+        resolve_scheme("float8wo_e4m3", group_size=128)
+
+
+def test_unknown_scheme_lists_names_and_suggests():
+    with pytest.raises(ValueError) as info:
+        resolve_scheme("int4w0")
+    message = str(info.value)
+    assert "Did you mean 'int4wo'" in message
+    assert "int8wo" in message and "fpX_eAmB" in message and "qint4" in message
+
+
+def test_unsupported_shapes_say_why():
+    assert "group_size=128" in resolve_scheme("int4wo").unsupported_reason(64, 96)
+    assert "multiple of 8" in resolve_scheme("fp3_e1m1").unsupported_reason(64, 36)
+    assert resolve_scheme("int8wo").unsupported_reason(64, 37) is None
+
+
+@pytest.mark.parametrize("name,bits_per_weight", [
+    ("int8wo", 8), ("int4wo", 4), ("uint3wo", 3), ("uint7wo", 7), ("fp6_e3m2", 6), ("fp5_e2m2", 5),
+    ("float8wo_e4m3", 8)])
+def test_tensor_specs_match_quantize(name, bits_per_weight):
+    scheme = resolve_scheme(name)
+    w = torch.randn(16, 256, dtype=torch.bfloat16)
+    stored = scheme.quantize(w)
+    specs = scheme.tensor_specs(16, 256, torch.bfloat16)
+    assert {k: (tuple(t.shape), t.dtype) for k, t in stored.items()} == specs
+    assert stored["qweight"].numel() * stored["qweight"].element_size() == 16 * 256 * bits_per_weight // 8
