@@ -15,8 +15,10 @@ weight-only kernels where they can, else torchao, optimum-quanto, or a pure-torc
 
 commands:
   info   versions, the device, and which backend can serve which scheme here
-  demo   quantize a FLUX-architecture transformer (random weights, no download) with several schemes,
-         run it, and print weight bytes, ratio to bf16, time per forward and output error per scheme
+  demo      quantize a FLUX-architecture transformer (random weights, no download) with several
+            schemes, run it, and print weight bytes, ratio to bf16, time per forward and error per scheme
+  quantize  quantize an unquantized diffusers/transformers model folder (safetensors) into a quantrt
+            folder, streaming one tensor at a time
 """
 
 INFO_SCHEMES = ("int8wo", "int4wo", "uint1wo", "uint2wo", "uint3wo", "uint5wo", "uint6wo", "uint7wo",
@@ -87,6 +89,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    import torch
+
+    from .config import QuantConfig
+    from .transformer import QuantizedTransformer
+
+    config = QuantConfig(args.scheme, group_size=args.group_size,
+                         modules_to_not_convert=args.modules_to_not_convert or None)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    qt = QuantizedTransformer.from_pretrained(args.src, device=args.device, torch_dtype=dtype, quantization=config,
+                                              progress=True)
+    qt.save_pretrained(args.dst, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+    layers = qt.summary()
+    print(f"{sum(r.quantized for r in layers)}/{len(layers)} Linear layers quantized with {config.scheme.name}; "
+          f"{qt.memory_footprint():,} bytes written to {args.dst}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .demo import DEFAULT_SCHEMES
 
@@ -116,6 +136,25 @@ def build_parser() -> argparse.ArgumentParser:
                       help="force one backend for every layer (default: auto fallback)")
     demo.add_argument("--repeats", type=int, default=3, help="timed forwards per scheme (default: %(default)s)")
     demo.set_defaults(func=cmd_demo)
+
+    quantize = sub.add_parser(
+        "quantize", help="quantize a model folder into a quantrt folder",
+        description="Reads an unquantized diffusers or transformers model folder (config.json + safetensors, e.g. "
+                    "what save_pretrained of diffusers wrote), quantizes each Linear weight as it is read (the "
+                    "full-precision model is never whole in memory) and writes a quantrt folder that "
+                    "QuantizedTransformer.from_pretrained(DST) loads.")
+    quantize.add_argument("src", help="the unquantized model folder")
+    quantize.add_argument("dst", help="the quantrt folder to write (must be empty unless --overwrite)")
+    quantize.add_argument("--scheme", required=True, help="scheme name, e.g. int8wo, int4wo, uint3wo, fp6_e3m2")
+    quantize.add_argument("--group-size", type=int, help="group size for grouped schemes")
+    quantize.add_argument("--modules-to-not-convert", nargs="*", metavar="NAME",
+                          help="layers to keep in full precision (full name, prefix, or child name)")
+    quantize.add_argument("--device", default="cpu", help="where to quantize (default: %(default)s)")
+    quantize.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
+                          help="cast floating tensors to this dtype first (default: as stored)")
+    quantize.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default: %(default)s)")
+    quantize.add_argument("--overwrite", action="store_true", help="replace DST if it is not empty")
+    quantize.set_defaults(func=cmd_quantize)
     return parser
 
 
@@ -128,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except (ValueError, TypeError, RuntimeError) as e:
+    except (ValueError, TypeError, RuntimeError, FileExistsError) as e:
         # user errors (bad scheme, backend that cannot serve) get one clear line, not a traceback
         if os.environ.get("QUANTRT_DEBUG"):
             raise

@@ -36,19 +36,26 @@ class QuantizedLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, scheme: Scheme, backend: Backend, name: str = "") -> QuantizedLinear:
         weight = linear.weight.detach()
-        if not torch.isfinite(weight).all():
-            bad = (~torch.isfinite(weight)).sum().item()
-            raise ValueError(f"layer {name!r}: its weight {tuple(weight.shape)} has {bad} NaN/Inf values and "
-                             f"cannot be quantized; fix the checkpoint or keep the layer in full precision with "
-                             f"modules_to_not_convert=[{name!r}]")
         layer = cls(linear.in_features, linear.out_features, scheme, linear.bias is not None,
                     dtype=weight.dtype, device=weight.device, backend=backend, name=name)
-        for key, tensor in scheme.quantize(weight).items():
-            getattr(layer, key).copy_(tensor)
+        layer.set_weight(weight)
         if linear.bias is not None:
             layer.bias.copy_(linear.bias.detach())
         backend.prepare(layer)
         return layer
+
+    def set_weight(self, weight: torch.Tensor) -> None:
+        """Quantize a float weight [N, K] into this layer's buffers (which may be on the meta device)."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"layer {self.name!r}: weight of shape {tuple(weight.shape)} does not fit a "
+                             f"{self.out_features}x{self.in_features} Linear")
+        if not torch.isfinite(weight).all():
+            bad = (~torch.isfinite(weight)).sum().item()
+            raise ValueError(f"layer {self.name!r}: its weight {tuple(weight.shape)} has {bad} NaN/Inf values and "
+                             f"cannot be quantized; fix the checkpoint or keep the layer in full precision with "
+                             f"modules_to_not_convert=[{self.name!r}]")
+        for key, tensor in self.scheme.quantize(weight).items():
+            setattr(self, key, tensor)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The stored quantized tensors by name."""

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 
+from .backends import select_backend
 from .config import QuantConfig
 from .modules import LayerReport, QuantizedLinear, quantize_
+from .schemes import resolve_scheme
 
 
 def format_table(headers: list[str], rows: list[list[Any]]) -> str:
@@ -86,6 +89,101 @@ class QuantizedTransformer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"quant_config={self.quant_config!r}"
+
+    def save_pretrained(self, path: str | os.PathLike, max_shard_size: int | str = "5GB",
+                        overwrite: bool = False) -> None:
+        """Save to a folder: safetensors shards of the stored tensors (packed codes, scales, unquantized
+        parameters) and quantrt_config.json. Nothing is pickled. The folder is written beside `path` and
+        renamed into place; a non-empty `path` is replaced only with overwrite=True."""
+        from . import __version__
+        from .serialization import dtype_name, model_identity, save_folder
+
+        layers = {}
+        for name, layer in self.quantized_layers().items():
+            layers[name] = {"scheme": layer.scheme.name, "group_size": layer.scheme.group_size,
+                            "format": layer.scheme.format, "backend": layer.backend.name,
+                            "in_features": layer.in_features, "out_features": layer.out_features,
+                            "bias": layer.bias is not None, "dtype": dtype_name(layer.scale.dtype)}
+        metadata = {"quantrt_version": __version__, "quant_config": self.quant_config.to_dict(),
+                    "model": model_identity(self.model), "layers": layers,
+                    "kept": {r.name: r.why for r in self._reports if not r.quantized}}
+        save_folder(path, self.model, metadata, max_shard_size=max_shard_size, overwrite=overwrite)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
+                        torch_dtype: torch.dtype | None = None, backend: str | None = None,
+                        model: nn.Module | Callable[[], nn.Module] | None = None,
+                        quantization: str | QuantConfig | dict | None = None,
+                        progress: bool | None = None) -> QuantizedTransformer:
+        """Load a folder that `save_pretrained` wrote. The skeleton is built on the meta device and each
+        stored tensor goes straight to `device` as stored (no requantization). Backends are chosen for
+        `device` (a model saved on a GPU runs on a CPU through the fallbacks); `backend` overrides the saved
+        choice. `torch_dtype` casts the floating tensors (scales, unquantized parameters). `model` is the
+        skeleton (module or zero-argument factory) for models that are not diffusers/transformers classes."""
+        from .serialization import CheckpointError, build_skeleton, load_tensors, parse_dtype, read_metadata
+
+        device = torch.device(device)
+        if quantization is not None:
+            from .serialization import quantize_folder
+
+            config = QuantConfig.coerce(quantization)
+            if backend is not None:
+                config.backend = backend
+            skeleton, kept = quantize_folder(path, config, device, torch_dtype, model, progress)
+            return cls(skeleton.eval(), config, _attach_backends(skeleton, config, device, kept))
+        metadata = read_metadata(path)
+        config = QuantConfig.from_dict(metadata["quant_config"])
+        if backend is not None:
+            config.backend = backend
+        skeleton = build_skeleton(metadata["model"], model)
+        for name, record in metadata["layers"].items():
+            try:
+                linear = skeleton.get_submodule(name)
+            except AttributeError as e:
+                raise CheckpointError(f"layer {name!r} of the checkpoint does not exist in the rebuilt model") from e
+            if not isinstance(linear, nn.Linear) or (linear.out_features, linear.in_features) != (
+                    record["out_features"], record["in_features"]):
+                raise CheckpointError(f"layer {name!r} is {linear} in the rebuilt model but the checkpoint has a "
+                                      f"{record['out_features']}x{record['in_features']} Linear")
+            scheme = resolve_scheme(record["scheme"], record["group_size"] if record["group_size"] else -1)
+            dtype = torch_dtype or parse_dtype(record["dtype"])
+            layer = QuantizedLinear(record["in_features"], record["out_features"], scheme, record["bias"],
+                                    dtype=dtype, device="meta", name=name)
+            parent, _, child = name.rpartition(".")
+            setattr(skeleton.get_submodule(parent) if parent else skeleton, child, layer)
+
+        def cast(name: str, tensor: torch.Tensor) -> torch.Tensor:
+            # act_scale stays float32; codes are integers; everything else follows torch_dtype
+            if torch_dtype is None or not tensor.is_floating_point() or name.endswith(".act_scale"):
+                return tensor
+            return tensor.to(torch_dtype)
+
+        load_tensors(skeleton, path, metadata, device, cast)
+        skeleton.to(device)  # buffers that are not saved (rotary tables, say) follow
+        reports = _attach_backends(skeleton, config, device, metadata.get("kept", {}))
+        return cls(skeleton.eval(), config, reports)
+
+
+def _attach_backends(model: nn.Module, config: QuantConfig, device: torch.device,
+                     kept: dict[str, str]) -> list[LayerReport]:
+    """Choose each QuantizedLinear's backend for `device`, prepare it, and report every Linear layer."""
+    reports = []
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedLinear):
+            module.backend, how = select_backend(module.scheme, device, config.backend_for(name), name)
+            module.backend_reason = how
+            if module.scheme.activation == "fp8_static":
+                module.calibrated = bool(torch.isfinite(module.act_scale).all())
+            module.backend.prepare(module)
+            fp_bytes = module.in_features * module.out_features * module.scale.element_size() + (
+                module.bias.numel() * module.bias.element_size() if module.bias is not None else 0)
+            reports.append(LayerReport(name, module.out_features, module.in_features, module.scheme.name,
+                                       module.backend.name, how, module.storage_bytes(), fp_bytes))
+        elif type(module) is nn.Linear:
+            fp_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+            reports.append(LayerReport(name, module.out_features, module.in_features, "none", "torch",
+                                       kept.get(name, ""), fp_bytes, fp_bytes))
+    return reports
 
 
 def model_bytes(model: nn.Module, as_dtype: torch.dtype | None = None) -> int:
