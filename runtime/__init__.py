@@ -4,6 +4,7 @@ from importlib.metadata import PackageNotFoundError, version as _version
 
 from .calibrate import calibrate
 from .config import QuantConfig
+from .interop import quantize_pipeline, to_quant_config
 from .modules import LayerReport, QuantizedLinear, quantize_
 from .schemes import Scheme, resolve_scheme
 from .transformer import QuantizedTransformer
@@ -14,4 +15,4 @@ except PackageNotFoundError:  # running from a source tree that was not installe
     __version__ = "0.0.0+source"
 
 __all__ = ["QuantConfig", "QuantizedLinear", "QuantizedTransformer", "LayerReport", "Scheme", "calibrate",
-           "quantize_", "resolve_scheme", "__version__"]
+           "quantize_", "quantize_pipeline", "resolve_scheme", "to_quant_config", "__version__"]

@@ -92,10 +92,9 @@ class QuantConfig:
             return cls(config)
         if isinstance(config, Mapping):
             return cls(**config)
-        raise TypeError(
-            f"cannot use {type(config).__name__} as a quantization config; pass a scheme name such as "
-            f"'int8wo', a QuantConfig, or a dict of QuantConfig arguments"
-        )
+        from .interop import to_quant_config  # torchao / diffusers / quanto configs; TypeError for the rest
+
+        return to_quant_config(config)
 
     def skipped(self, name: str) -> str | None:
         """The modules_to_not_convert entry that excludes module `name`, if any."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,8 @@ class QuantizedLinear(nn.Module):
         self.backend_reason = ""
         # fp8 static activations need a calibrated scale before the first forward (quantrt.calibrate)
         self.calibrated = scheme.activation != "fp8_static"
+        # backends may keep tensors derived from the buffers (torchao/quanto weights); rebuild them on load
+        self.register_load_state_dict_post_hook(_prepare_after_load)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, scheme: Scheme, backend: Backend, name: str = "") -> QuantizedLinear:
@@ -68,12 +71,35 @@ class QuantizedLinear(nn.Module):
     def storage_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.buffers())
 
+    def __deepcopy__(self, memo: dict) -> QuantizedLinear:
+        # what the backend derived from the buffers is rebuilt on the copy, not copied: some tensor
+        # subclasses (quanto's) cannot be deep-copied; the backend itself is shared, it holds no layer state
+        derived = set(getattr(self.backend, "derived_attributes", ()))
+        memo[id(self.backend)] = self.backend
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        for key, value in self.__dict__.items():
+            clone.__dict__[key] = None if key in derived else copy.deepcopy(value, memo)
+        clone.backend.prepare(clone)
+        return clone
+
+    def _apply(self, fn, recurse=True):
+        # .to(device / dtype), .cuda(), .half() move the buffers only: rebuild what the backend derived from
+        # them (torchao/quanto keep their weight outside the buffers, so that state_dict stays quantrt's)
+        module = super()._apply(fn, recurse)
+        self.backend.prepare(self)
+        return module
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.backend.linear(self, x)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"scheme={self.scheme.name}, backend={self.backend.name}, bias={self.bias is not None}")
+
+
+def _prepare_after_load(layer: QuantizedLinear, incompatible_keys) -> None:
+    layer.backend.prepare(layer)
 
 
 @dataclass
@@ -121,7 +147,8 @@ def quantize_(model: nn.Module, config: str | QuantConfig, *, progress: bool | N
         if plan.scheme is None or why:
             reports.append(LayerReport(name, *shape, "none", "torch", why, fp_bytes, fp_bytes))
             continue
-        backend, how = select_backend(plan.scheme, linear.weight.device, config.backend_for(name), name)
+        backend, how = select_backend(plan.scheme, linear.weight.device, config.backend_for(name), name,
+                                      shape=shape, dtype=linear.weight.dtype)
         layer = QuantizedLinear.from_linear(linear, plan.scheme, backend, name)
         layer.backend_reason = how
         if "act_scale" in layer.tensors():

@@ -4,6 +4,9 @@ Each backend is one file in this package defining `BACKEND`, an instance of a `B
 Selection (design.md): the `backend=` argument, then the QUANTRT_BACKEND environment variable, then the
 first backend in ORDER that can serve the scheme on the layer's device. A backend asked for explicitly
 that cannot serve raises `BackendUnavailable`; an automatic choice records why the earlier ones could not.
+Whether a backend can serve is asked per layer: `unavailable_reason(scheme, device)`, then, where the layer's
+shape and dtype are known, `layer_unavailable_reason(scheme, device, shape, dtype)`, so one model may mix
+backends (a layer whose shape a kernel cannot take falls back alone).
 """
 
 from __future__ import annotations
@@ -29,13 +32,23 @@ class Backend:
     """Computes y = x @ W^T + b for a QuantizedLinear whose weight is stored in quantrt's format."""
 
     name = ""
+    # attributes that `prepare` sets on a layer from its buffers: rebuilt, never copied, by copy.deepcopy
+    derived_attributes: tuple[str, ...] = ()
 
     def unavailable_reason(self, scheme: Scheme, device: torch.device) -> str | None:
         """Why this backend cannot serve `scheme` on `device` (None if it can)."""
         raise NotImplementedError
 
+    def layer_unavailable_reason(self, scheme: Scheme, device: torch.device, shape: tuple[int, int],
+                                 dtype: torch.dtype) -> str | None:
+        """Why this backend cannot serve one layer whose weight is `shape` (out_features, in_features) in
+        `dtype`, given that `unavailable_reason(scheme, device)` is None. Default: no such limits."""
+        return None
+
     def prepare(self, layer: QuantizedLinear) -> None:
-        """Build whatever the backend needs from the layer's stored tensors (called once)."""
+        """Build whatever the backend needs from the layer's stored tensors. Called when the layer is
+        built, and again after the layer moves or changes dtype (`module.to(...)`) or loads a state dict,
+        so it must rebuild from the stored tensors (and do nothing for tensors on the meta device)."""
 
     def linear(self, layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -64,26 +77,43 @@ def requested_backend(argument: str = "auto") -> str:
     return env or "auto"
 
 
-def select_backend(scheme: Scheme, device: torch.device, argument: str = "auto",
-                   layer_name: str = "") -> tuple[Backend, str]:
-    """(backend, why) for one layer. `why` says how it was chosen and why earlier ones were passed over."""
+def _reason(name: str, scheme: Scheme, device: torch.device, shape: tuple[int, int] | None,
+            dtype: torch.dtype | None) -> tuple[Backend | None, str | None]:
+    """(backend, why it cannot serve: None if it can) for the backend `name`."""
+    try:
+        backend = get_backend(name)
+    except ImportError as e:  # e.g. the triton backend on a machine without triton
+        return None, f"its module does not import: {e}"
+    if backend is None:
+        return None, "not part of this build"
+    reason = backend.unavailable_reason(scheme, device)
+    if reason is None and shape is not None:
+        reason = backend.layer_unavailable_reason(scheme, device, tuple(shape), dtype)
+    return backend, reason
+
+
+def select_backend(scheme: Scheme, device: torch.device, argument: str = "auto", layer_name: str = "",
+                   shape: tuple[int, int] | None = None, dtype: torch.dtype | None = None) -> tuple[Backend, str]:
+    """(backend, why) for one layer: `why` says how it was chosen and why earlier ones were passed over.
+    `shape` (out_features, in_features) and `dtype` of the layer's weight, where given, let a backend
+    refuse single layers (`Backend.layer_unavailable_reason`)."""
+    device = torch.device(device)
     requested = requested_backend(argument)
+    source = "backend=" if argument not in ("", "auto") else "QUANTRT_BACKEND"
     where = f"layer {layer_name!r}: " if layer_name else ""
     if requested != "auto":
-        backend = get_backend(requested)
-        reason = "not part of this build" if backend is None else backend.unavailable_reason(scheme, device)
+        backend, reason = _reason(requested, scheme, device, shape, dtype)
         if reason:
-            source = "backend=" if argument not in ("", "auto") else "QUANTRT_BACKEND"
+            usable = [name for name in ORDER if _reason(name, scheme, device, shape, dtype)[1] is None]
             raise BackendUnavailable(
                 f"{where}backend {requested!r} (asked for through {source}) cannot serve scheme "
                 f"{scheme.name} on device {device}: {reason}. Use backend='auto' to fall back, or one of: "
-                f"{', '.join(usable_backends(scheme, device)) or 'none'}"
+                f"{', '.join(usable) or 'none'}"
             )
-        return backend, f"asked for ({'backend=' if argument not in ('', 'auto') else 'QUANTRT_BACKEND'})"
+        return backend, f"asked for ({source})"
     passed = []
     for name in ORDER:
-        backend = get_backend(name)
-        reason = "not part of this build" if backend is None else backend.unavailable_reason(scheme, device)
+        backend, reason = _reason(name, scheme, device, shape, dtype)
         if reason is None and name == "triton" and device.type != "cuda":
             # the interpreter proves kernel code but is orders of magnitude slower than any other backend
             reason = "on CPU the Triton interpreter runs only when asked for (backend='triton')"
@@ -95,9 +125,4 @@ def select_backend(scheme: Scheme, device: torch.device, argument: str = "auto",
 
 def usable_backends(scheme: Scheme, device: torch.device) -> list[str]:
     """Names of the backends that can serve `scheme` on `device`, in selection order."""
-    usable = []
-    for name in ORDER:
-        backend = get_backend(name)
-        if backend is not None and backend.unavailable_reason(scheme, device) is None:
-            usable.append(name)
-    return usable
+    return [name for name in ORDER if _reason(name, scheme, torch.device(device), None, None)[1] is None]

@@ -1,0 +1,144 @@
+"""The optimum-quanto backend: serve a QuantizedLinear with a quanto weight tensor.
+
+How a layer is built (`prepare`): quanto's own `quantize_weight` quantizes the layer's dequantized weight
+(float32, cast to the layer's dtype) with quantrt's stored scales and zero points passed in as quanto's
+scale and shift, so the quanto tensor holds exactly quantrt's codes (quanto's dequantization, scale * code -
+shift, is quantrt's (code - zero) * scale with shift = zero * scale) and any group size works, not only the
+128 / 96 / 64 / 32 that `quanto.quantize` + `freeze` would pick on their own. The result is what `freeze`
+leaves on a QLinear: a frozen WeightQBytesTensor / WeightQBitsTensor. It is kept as `layer.backend_weight`, a
+plain attribute, not a buffer, so `state_dict()` stays in quantrt's format. Memory: quanto's tensor lives
+next to quantrt's buffers (same size again: 1 byte per weight for qint8 / qfloat8, packed 4 or 2 bits for
+qint4 / qint2, plus scales and shifts); `memory_footprint()` counts quantrt's buffers only.
+
+Schemes (cpu and cuda):
+
+| scheme | quanto qtype |
+|---|---|
+| int8wo, per channel only (quanto's 8-bit weights have one scale per output channel) | qint8 |
+| int4wo, uint4wo (any group size dividing K) | qint4 |
+| uint2wo | qint2 |
+| float8wo_e4m3 / float8wo_e5m2 | qfloat8_e4m3fn / qfloat8_e5m2 |
+
+Not served: uint1/3/5/6/7, fpX (quanto has no such weights), and every activation-quantizing scheme: quanto
+quantizes activations with static scales calibrated on sample inputs (`optimum.quanto.Calibration`), not
+dynamically per token or per tensor, and quantrt's fp8 static scale is calibrated after the layer is built.
+
+Kernels: on CUDA, quanto picks its optimized kernels (Marlin, AWQ, tinygemm) where they apply; on CPU quantrt
+asks for quanto's plain tensors, because quanto's optimized CPU int4 path (tinygemm, bf16, group 128) does
+not run under torch.compile (torch 2.13: "expected scalar type Float but found BFloat16" in
+_weight_int4pack_mm_for_cpu) and stores a lossy bf16 zero point. With plain tensors every scheme above
+compiles with torch.compile(fullgraph=True) on CPU in fp32 and bf16, each checked once against eager
+(tests/runtime/test_backend_quanto.py keeps two, among them int4 / group 128 / bf16). Compiling quanto's
+CUDA kernels has not been checked here.
+"""
+
+from __future__ import annotations
+
+import functools
+from importlib.metadata import PackageNotFoundError, version as package_version
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from . import Backend
+
+if TYPE_CHECKING:
+    from ..modules import QuantizedLinear
+    from ..schemes import Scheme
+
+QTYPE_NAMES = {"int8": "qint8", "uint4": "qint4", "uint2": "qint2", "fp8_e4m3": "qfloat8_e4m3fn",
+               "fp8_e5m2": "qfloat8_e5m2"}
+
+
+@functools.cache
+def quanto_version() -> str | None:
+    """The installed optimum-quanto's version, or None if it is not installed."""
+    try:
+        return package_version("optimum-quanto")
+    except PackageNotFoundError:
+        return None
+
+
+@functools.cache
+def _quanto():
+    """optimum.quanto, imported on first use."""
+    import optimum.quanto as quanto
+
+    return quanto
+
+
+def qtype_name(scheme: Scheme) -> str:
+    """The quanto qtype that stores `scheme`'s weights. Raises ValueError with the reason if none does."""
+    if not scheme.weight_only:
+        if scheme.activation == "fp8_static":
+            raise ValueError("quantrt calibrates the fp8 static activation scale after the layer is built, and "
+                             "quanto keeps its own calibrated activation scales (optimum.quanto.Calibration)")
+        raise ValueError("quanto quantizes activations with static scales calibrated on sample inputs, not "
+                         "dynamically per token or per tensor as this scheme does")
+    if scheme.weight == "int8" and scheme.group_size is not None:
+        raise ValueError(f"quanto's 8-bit weights have one scale per output channel; int8 in groups of "
+                         f"{scheme.group_size} is not a quanto format (use group_size=None)")
+    name = QTYPE_NAMES.get(scheme.format)
+    if name is None:
+        raise ValueError(f"quanto has no {scheme.format} weights (it has qint2, qint4, qint8, qfloat8_e4m3fn "
+                         f"and qfloat8_e5m2)")
+    return name
+
+
+class QuantoBackend(Backend):
+    name = "quanto"
+    derived_attributes = ("backend_weight",)
+
+    def unavailable_reason(self, scheme: Scheme, device: torch.device) -> str | None:
+        device = torch.device(device)
+        if device.type not in ("cpu", "cuda"):
+            return f"quantrt uses quanto on cpu and cuda devices only, not {device.type}"
+        if quanto_version() is None:
+            return "optimum-quanto is not installed (pip install optimum-quanto)"
+        try:
+            qtype_name(scheme)
+        except ValueError as e:
+            return str(e)
+        try:
+            _quanto()
+        except Exception as e:  # a quanto built for another torch fails here in many ways
+            return f"optimum-quanto {quanto_version()} does not import: {type(e).__name__}: {e}"
+        return None
+
+    def prepare(self, layer: QuantizedLinear) -> None:
+        layer.backend_weight = None
+        if layer.qweight.is_meta:  # a skeleton before its tensors are loaded: nothing to build yet
+            return
+        quanto = _quanto()
+        scheme = layer.scheme
+        try:
+            qtype = getattr(quanto, qtype_name(scheme))
+        except ValueError as e:
+            raise RuntimeError(f"layer {layer.name!r}: quanto cannot serve {scheme.name}: {e}") from e
+        dtype = layer.scale.dtype
+        weight = layer.dequantize().to(dtype)
+        optimized = weight.device.type == "cuda"
+        if scheme.weight == "uintx":
+            # quanto: w = scale * code - shift; quantrt: w = (code - zero) * scale, so shift = zero * scale
+            scale = layer.scale.reshape(-1, 1)
+            shift = (layer.zero.float() * layer.scale.float()).to(dtype).reshape(-1, 1)
+            qweight = quanto.quantize_weight(weight, qtype, axis=0, scale=scale, shift=shift,
+                                             group_size=scheme.group_size, optimized=optimized)
+        else:
+            # a single output channel is "per tensor" to quanto, which then wants a scalar scale
+            scale = layer.scale.reshape(()) if weight.shape[0] == 1 else layer.scale.reshape(-1, 1)
+            qweight = quanto.quantize_weight(weight, qtype, axis=0, scale=scale, optimized=optimized)
+        layer.backend_weight = qweight
+        layer.backend_config = qtype.name
+
+    def linear(self, layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
+        weight = layer.backend_weight
+        if weight is None:
+            raise RuntimeError(f"layer {layer.name!r}: its quanto weight was never built (the layer was on the "
+                               f"meta device when prepared); load its tensors, then call layer.backend.prepare(layer)")
+        y = F.linear(x.to(weight.dtype), weight, layer.bias)
+        return y.to(x.dtype)
+
+
+BACKEND = QuantoBackend()

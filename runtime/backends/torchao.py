@@ -1,0 +1,316 @@
+"""The torchao backend: serve a QuantizedLinear with a torchao-quantized weight.
+
+How a layer is built (`prepare`): its stored quantrt tensors are dequantized (float32, cast to the layer's
+dtype) into a temporary nn.Linear, `torchao.quantization.quantize_` quantizes that with the torchao config
+the scheme maps onto (`torchao_config`), with `set_inductor_config=False` wherever the config has it
+(quantrt never changes global Inductor settings), and the resulting torchao weight tensor is kept as
+`layer.backend_weight`: a plain attribute, not a buffer, so `state_dict()` and `save_pretrained` stay in
+quantrt's format. Memory: the torchao weight lives next to quantrt's buffers, about one extra byte per weight
+for int8, fp8 and the unpacked intX formats (IntxUnpackedToInt8Tensor keeps one int8 per weight) and half a
+byte for torchao's CUDA int4 packing; `memory_footprint()` counts quantrt's buffers only.
+
+Numerics: torchao derives its own scales from the dequantized weight. For fp8 that is lossless (torchao's
+absmax / fp8-max scale lands on quantrt's), and so it is for int4 on CUDA (tinygemm's float zero points are
+quantrt's). For int8 (torchao's grid is absmax / 127.5, quantrt's absmax / 127) and the intX path (torchao's
+zero points are integers, quantrt's are floats) requantizing would add a second rounding step per weight, so
+`prepare` then puts quantrt's own codes, scales and zero points into torchao's Int8Tensor /
+IntxUnpackedToInt8Tensor (their documented qdata / scale / zero_point; IntxUnpackedToInt8Tensor takes float
+zero points) and checks that the result dequantizes to quantrt's weight; where that check fails (another
+torchao layout), torchao's own requantized weight is kept and `layer.backend_config` says so. torchao's int4dq
+quantizes activations asymmetrically per token where the reference does it symmetrically.
+
+What serves where (torchao 0.18, torch 2.13; CPU checked by running, CUDA from torchao's documentation):
+
+| scheme | torchao config | cpu | cuda |
+|---|---|---|---|
+| int8wo (per channel or grouped) | Int8WeightOnlyConfig | yes | yes |
+| int4wo, uint4wo | Int4WeightOnlyConfig(tile_packed_to_4d) for bf16 on SM >= 8.0, else IntxWeightOnlyConfig(int4, asymmetric) | yes (Intx) | yes |
+| uint1wo .. uint7wo | IntxWeightOnlyConfig(intX, PerGroup, asymmetric) | yes | yes |
+| float8wo_e4m3, float8wo_e5m2 | Float8WeightOnlyConfig | yes | yes |
+| fpX_eAmB | FPXWeightOnlyConfig, removed in torchao 0.16 | no | torchao < 0.16 only |
+| int8dq (per channel) | Int8DynamicActivationInt8WeightConfig | yes | yes |
+| int4dq | Int8DynamicActivationIntxWeightConfig(int4) (Int8DynamicActivationInt4WeightConfig before 0.17) | yes | yes |
+| float8dq_e4m3_tensor / _row | Float8DynamicActivationFloat8WeightConfig(PerTensor() / PerRow()) | no | SM >= 8.9 |
+| float8_static_activation_float8_weight | none (the scale is calibrated after the layer is built) | no | no |
+
+torch.compile(fullgraph=True) on CPU (torch 2.13, torchao 0.18): every scheme served on CPU above compiles
+without graph breaks in fp32 and bf16, each checked once against eager (tests/runtime/test_backend_torchao.py
+keeps three of them, compiling being slow). Compiling the CUDA paths has not been checked here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from importlib.metadata import PackageNotFoundError, version as package_version
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..kernels.packing import unpack_uintx
+from . import Backend
+
+if TYPE_CHECKING:
+    from ..modules import QuantizedLinear
+    from ..schemes import Scheme
+
+# group sizes of torchao's tinygemm int4 kernel (Int4TilePackedTo4dTensor)
+TINYGEMM_GROUP_SIZES = (32, 64, 128, 256)
+
+
+class TorchaoCannotServe(Exception):
+    """Why the installed torchao cannot serve a scheme on a device (the message is the reason)."""
+
+
+@functools.cache
+def torchao_version() -> str | None:
+    """The installed torchao's version, or None if it is not installed."""
+    try:
+        return package_version("torchao")
+    except PackageNotFoundError:
+        return None
+
+
+@functools.cache
+def _quantization_module():
+    """torchao.quantization, imported on first use (importing torchao takes seconds)."""
+    if torchao_version() is None:
+        raise TorchaoCannotServe("torchao is not installed (pip install torchao)")
+    try:
+        import torchao.quantization as quantization
+    except Exception as e:  # a torchao built for another torch fails here in many ways
+        raise TorchaoCannotServe(f"torchao {torchao_version()} does not import with torch {torch.__version__}: "
+                                 f"{type(e).__name__}: {e}") from e
+    return quantization
+
+
+def _config_class(name: str, needed: str):
+    """The torchao config class `name`, or TorchaoCannotServe saying which torchao versions have it."""
+    cls = getattr(_quantization_module(), name, None)
+    if cls is None:
+        raise TorchaoCannotServe(f"torchao {torchao_version()} has no {name} ({needed})")
+    return cls
+
+
+def _fields(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+
+
+def _make(cls, **kwargs: Any):
+    """cls(**kwargs) with set_inductor_config=False where the config has that field, and without the
+    arguments this torchao version's config does not take (they are version-specific spellings)."""
+    fields = _fields(cls)
+    if "set_inductor_config" in fields:
+        kwargs["set_inductor_config"] = False
+    return cls(**{k: v for k, v in kwargs.items() if k in fields})
+
+
+def _intx_dtype(bits: int) -> torch.dtype:
+    dtype = getattr(torch, f"int{bits}", None)
+    if dtype is None:
+        raise TorchaoCannotServe(f"torch {torch.__version__} has no torch.int{bits} dtype (torch >= 2.6 has it)")
+    return dtype
+
+
+def _cuda_capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def _int8_weight_config(group_size: int | None):
+    quantization = _quantization_module()
+    cls = _config_class("Int8WeightOnlyConfig", "torchao >= 0.9 has it")
+    if "granularity" in _fields(cls):  # torchao >= 0.16 (Int8Tensor): granularity, group_size must stay None
+        granularity = quantization.PerRow() if group_size is None else quantization.PerGroup(group_size)
+        return _make(cls, granularity=granularity)
+    return _make(cls, group_size=group_size)
+
+
+def _intx_weight_config(bits: int, group_size: int):
+    quantization = _quantization_module()
+    cls = _config_class("IntxWeightOnlyConfig", "torchao >= 0.12 has it")
+    if "granularity" not in _fields(cls):
+        raise TorchaoCannotServe(f"torchao {torchao_version()}'s IntxWeightOnlyConfig takes no granularity; "
+                                 f"torchao >= 0.14 is needed")
+    return _make(cls, weight_dtype=_intx_dtype(bits), granularity=quantization.PerGroup(group_size),
+                 mapping_type=quantization.MappingType.ASYMMETRIC)
+
+
+def _int4_tinygemm_config(group_size: int):
+    cls = _config_class("Int4WeightOnlyConfig", "torchao >= 0.9 has it")
+    fields = _fields(cls)
+    if "int4_packing_format" in fields:  # torchao >= 0.15
+        return _make(cls, group_size=group_size, int4_packing_format="tile_packed_to_4d")
+    if "packing_format" in fields:  # torchao 0.14
+        return _make(cls, group_size=group_size, packing_format="tile_packed_to_4d")
+    return _make(cls, group_size=group_size)  # before 0.14: TensorCoreTiledLayout is the default
+
+
+def torchao_config(scheme: Scheme, device: torch.device | str, dtype: torch.dtype = torch.bfloat16):
+    """The torchao config object that serves `scheme` for a layer of `dtype` on `device`, built against the
+    installed torchao. Raises TorchaoCannotServe with the reason when there is none."""
+    device = torch.device(device)
+    if device.type not in ("cpu", "cuda"):
+        raise TorchaoCannotServe(f"quantrt uses torchao on cpu and cuda devices only, not {device.type}")
+    quantization = _quantization_module()
+    if scheme.activation == "none":
+        if scheme.weight == "int8":
+            return _int8_weight_config(scheme.group_size)
+        if scheme.weight == "uintx":
+            if (scheme.bits == 4 and device.type == "cuda" and dtype == torch.bfloat16
+                    and scheme.group_size in TINYGEMM_GROUP_SIZES and _cuda_capability(device) >= (8, 0)):
+                return _int4_tinygemm_config(scheme.group_size)
+            # CPU has no int4 packing in torchao 0.18 (plain needs mslk, tile_packed_to_4d and plain_int32 CUDA);
+            # the unpacked intX tensor dequantizes in torch and runs on any device
+            return _intx_weight_config(scheme.bits, scheme.group_size)
+        if scheme.weight == "fp8":
+            cls = _config_class("Float8WeightOnlyConfig", "torchao >= 0.9 has it")
+            return _make(cls, weight_dtype=torch.float8_e4m3fn if scheme.fp8 == "e4m3" else torch.float8_e5m2)
+        # fpX
+        cls = getattr(quantization, "FPXWeightOnlyConfig", None)
+        if cls is None:
+            raise TorchaoCannotServe(f"torchao {torchao_version()} has no FPXWeightOnlyConfig: X-bit floats were "
+                                     f"removed in torchao 0.16 (torchao 0.9 .. 0.15 have them, CUDA only)")
+        if device.type != "cuda":
+            raise TorchaoCannotServe("torchao's FPXWeightOnlyConfig (fp6-llm kernels) runs on CUDA only")
+        return _make(cls, ebits=scheme.ebits, mbits=scheme.mbits)
+    if scheme.activation == "int8_token":
+        if scheme.weight == "int8":
+            if scheme.group_size is not None:
+                raise TorchaoCannotServe(f"torchao's int8 dynamic-activation weights have one scale per output "
+                                         f"channel, not groups of {scheme.group_size}")
+            return _make(_config_class("Int8DynamicActivationInt8WeightConfig", "torchao >= 0.9 has it"))
+        cls = getattr(quantization, "Int8DynamicActivationIntxWeightConfig", None)
+        if cls is not None and "weight_granularity" in _fields(cls):
+            return _make(cls, weight_dtype=_intx_dtype(scheme.bits),
+                         weight_granularity=quantization.PerGroup(scheme.group_size),
+                         weight_mapping_type=quantization.MappingType.ASYMMETRIC)
+        if scheme.bits == 4 and hasattr(quantization, "Int8DynamicActivationInt4WeightConfig"):  # before 0.17
+            return _make(quantization.Int8DynamicActivationInt4WeightConfig, group_size=scheme.group_size,
+                         mapping_type=quantization.MappingType.ASYMMETRIC)
+        raise TorchaoCannotServe(f"torchao {torchao_version()} has no Int8DynamicActivationIntxWeightConfig with "
+                                 f"weight_granularity (torchao >= 0.14 has it)")
+    if scheme.activation in ("fp8_tensor", "fp8_row"):
+        if device.type != "cuda":
+            raise TorchaoCannotServe("torchao's float8 dynamic activation quantization needs a CUDA GPU with "
+                                     "compute capability >= 8.9 (Ada, Hopper or newer)")
+        capability = _cuda_capability(device)
+        if capability < (8, 9):
+            raise TorchaoCannotServe(f"torchao's float8 dynamic activation quantization needs compute capability "
+                                     f">= 8.9; {torch.cuda.get_device_name(device)} has "
+                                     f"{capability[0]}.{capability[1]}")
+        cls = _config_class("Float8DynamicActivationFloat8WeightConfig", "torchao >= 0.9 has it")
+        granularity = quantization.PerRow() if scheme.activation == "fp8_row" else quantization.PerTensor()
+        return _make(cls, granularity=granularity)
+    raise TorchaoCannotServe(
+        "quantrt calibrates the static activation scale after the layer is built (quantrt.calibrate), while "
+        "torchao's Float8StaticActivationFloat8WeightConfig needs it at quantization time")
+
+
+def _needs_quantrt_codes(weight: torch.Tensor, scheme: Scheme) -> bool:
+    """Whether torchao's requantization of `scheme` is lossy (int8 and the integer-zero-point intX path)."""
+    return scheme.weight == "int8" or (scheme.weight == "uintx" and type(weight).__name__ == "IntxUnpackedToInt8Tensor")
+
+
+def _adopt_quantrt_codes(weight: torch.Tensor, layer: QuantizedLinear, dequantized: torch.Tensor) -> bool:
+    """Put the layer's own codes, scales and zero points into torchao's freshly built `weight` (in place), so
+    torchao computes with quantrt's weight and not a second rounding of it. False (and `weight` unusable)
+    where torchao's tensor does not have the expected qdata / scale / zero_point layout or does not
+    dequantize to `dequantized` afterwards."""
+    scheme = layer.scheme
+    kind = type(weight).__name__
+    if kind == "Int8Tensor" and scheme.weight == "int8":
+        tensors = {"qdata": layer.qweight, "scale": layer.scale}
+    elif kind == "IntxUnpackedToInt8Tensor" and scheme.weight == "uintx":
+        # torchao's intX codes are signed: code - 2**(bits-1), with the zero point shifted alike
+        offset = 2 ** (scheme.bits - 1)
+        codes = unpack_uintx(layer.qweight, scheme.bits, layer.in_features).to(torch.int16) - offset
+        tensors = {"qdata": codes, "scale": layer.scale, "zero_point": layer.zero.float() - offset}
+    else:
+        return False
+    for name, value in tensors.items():
+        current = getattr(weight, name, None)
+        if not isinstance(current, torch.Tensor) or tuple(current.shape) != tuple(value.shape):
+            return False
+        # a float zero point in the scale's dtype (IntxUnpackedToInt8Tensor's documented alternative to int8)
+        target = weight.scale.dtype if name == "zero_point" else current.dtype
+        tensors[name] = value.to(target).contiguous()
+    for name, value in tensors.items():
+        setattr(weight, name, value)
+    try:
+        adopted = weight.dequantize().float()
+    except Exception:
+        return False
+    # torchao dequantizes in the layer's dtype (bf16: about 3 significant digits), quantrt in float32
+    tolerance = 1e-5 if dequantized.dtype == torch.float32 else 2e-2
+    return torch.allclose(adopted, dequantized.float(), rtol=tolerance, atol=tolerance * float(dequantized.abs().max()))
+
+
+def _is_quantized(weight: torch.Tensor) -> bool:
+    return type(weight) not in (torch.Tensor, nn.Parameter)
+
+
+class TorchaoBackend(Backend):
+    name = "torchao"
+    derived_attributes = ("backend_weight",)
+
+    def unavailable_reason(self, scheme: Scheme, device: torch.device) -> str | None:
+        try:
+            torchao_config(scheme, torch.device(device))
+        except TorchaoCannotServe as e:
+            return str(e)
+        return None
+
+    def prepare(self, layer: QuantizedLinear) -> None:
+        layer.backend_weight = None
+        if layer.qweight.is_meta:  # a skeleton before its tensors are loaded: nothing to build yet
+            return
+        dtype = layer.scale.dtype
+        device = layer.qweight.device
+        try:
+            config = torchao_config(layer.scheme, device, dtype)
+        except TorchaoCannotServe as e:
+            raise RuntimeError(f"layer {layer.name!r}: torchao cannot serve {layer.scheme.name} on {device}: {e}") from e
+        weight = layer.dequantize().to(dtype)
+        try:
+            backend_weight = self._quantize(weight, config)
+        except Exception as first:
+            if layer.scheme.weight != "uintx" or layer.scheme.activation != "none":
+                raise RuntimeError(f"layer {layer.name!r}: torchao {torchao_version()} failed to quantize its "
+                                   f"{tuple(weight.shape)} {dtype} weight with {type(config).__name__} on {device}: "
+                                   f"{type(first).__name__}: {first}") from first
+            # the CUDA int4 packing refused this layer (shape, GPU): the unpacked intX path serves any layer
+            config = _intx_weight_config(layer.scheme.bits, layer.scheme.group_size)
+            backend_weight = self._quantize(weight, config)
+        layer.backend_config = type(config).__name__
+        if _needs_quantrt_codes(backend_weight, layer.scheme):
+            if _adopt_quantrt_codes(backend_weight, layer, weight):
+                layer.backend_config += " (quantrt's codes)"
+            else:
+                backend_weight = self._quantize(weight, config)
+                layer.backend_config += " (requantized by torchao)"
+        layer.backend_weight = backend_weight
+
+    @staticmethod
+    def _quantize(weight: torch.Tensor, config) -> torch.Tensor:
+        quantize_ = _quantization_module().quantize_
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+        quantize_(linear, config)
+        if not _is_quantized(linear.weight):
+            # torchao skips weights it cannot take (a K its group size does not divide) without an error
+            raise RuntimeError(f"{type(config).__name__} left the {tuple(weight.shape)} weight unquantized")
+        return linear.weight.detach()
+
+    def linear(self, layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
+        weight = layer.backend_weight
+        if weight is None:
+            raise RuntimeError(f"layer {layer.name!r}: its torchao weight was never built (the layer was on the "
+                               f"meta device when prepared); load its tensors, then call layer.backend.prepare(layer)")
+        y = F.linear(x.to(weight.dtype), weight, layer.bias)
+        return y.to(x.dtype)
+
+
+BACKEND = TorchaoBackend()

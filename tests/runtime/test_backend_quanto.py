@@ -1,0 +1,119 @@
+import copy
+import importlib.util
+
+import pytest
+import torch
+
+pytest.importorskip("optimum.quanto")
+
+import quantrt  # noqa: E402
+from quantrt import QuantConfig  # noqa: E402
+from quantrt.backends import BackendUnavailable, get_backend  # noqa: E402
+from quantrt.schemes import resolve_scheme  # noqa: E402
+
+from .backend_cases import (  # noqa: E402
+    backends_of, case_id, flux_inputs, linear_model, quantized_copies, tiny_flux, tolerance,
+)
+
+CPU = torch.device("cpu")
+# torch warns that torchao/quanto tensor subclasses cannot be hashed for its AOT autograd cache
+COMPILE_WARNINGS = pytest.mark.filterwarnings("ignore:.*_stable_hash_for_caching:UserWarning")
+HAS_TORCHAO = importlib.util.find_spec("torchao") is not None
+SERVED = [("int8wo", None), ("int4wo", 32), ("int4wo", 128), ("uint4wo", 16), ("uint2wo", 32),
+          ("float8wo_e4m3", None), ("float8wo_e5m2", None)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", SERVED, ids=case_id)
+def test_linear_matches_reference(case, dtype):
+    scheme, group_size = case
+    qts = quantized_copies(linear_model(dtype), scheme, group_size, ["reference", "quanto"])
+    assert backends_of(qts["quanto"]) == {"quanto"}
+    x = torch.randn(3, 11, 256, dtype=dtype)
+    expected, actual = qts["reference"](x), qts["quanto"](x)
+    assert actual.dtype == dtype and actual.shape == expected.shape
+    torch.testing.assert_close(actual, expected, **tolerance(scheme, dtype))
+
+
+@pytest.mark.parametrize("case", [("int8wo", None), ("int4wo", 32), ("uint2wo", 16), ("float8wo_e4m3", None)],
+                         ids=case_id)
+def test_tiny_flux_matches_reference_and_torchao(case):
+    scheme, group_size = case
+    dtype = torch.bfloat16
+    backends = ["reference", "quanto"] + (["torchao"] if HAS_TORCHAO else [])
+    qts = quantized_copies(tiny_flux(dtype), scheme, group_size, backends)
+    inputs = flux_inputs(dtype)
+    with torch.no_grad():
+        outputs = {backend: qt(**inputs)[0] for backend, qt in qts.items()}
+    for backend in backends[1:]:
+        torch.testing.assert_close(outputs[backend], outputs["reference"], **tolerance(scheme, dtype))
+
+
+def test_quanto_weight_is_a_frozen_quanto_tensor_outside_the_state_dict():
+    qt = quantrt.QuantizedTransformer.from_model(linear_model(torch.float32), QuantConfig("int4wo", group_size=32,
+                                                 backend="quanto"), progress=False)
+    layer = qt.quantized_layers()["0"]
+    assert type(layer.backend_weight).__name__ == "WeightQBitsTensor" and layer.backend_config == "qint4"
+    torch.testing.assert_close(layer.backend_weight.dequantize(), layer.dequantize())
+    assert not any("backend" in key for key in qt.state_dict())
+
+
+def test_single_output_channel():
+    model = torch.nn.Sequential(torch.nn.Linear(64, 1))
+    qts = quantized_copies(model, "int8wo", None, ["reference", "quanto"])
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(qts["quanto"](x), qts["reference"](x))
+
+
+@pytest.mark.parametrize("name, group_size, words", [
+    ("uint3wo", None, ["uint3", "qint2, qint4"]),
+    ("fp6_e3m2", None, ["fp6_e3m2"]),
+    ("int8wo", 64, ["per output channel"]),
+    ("int8dq", None, ["static", "per token"]),
+    ("float8dq_e4m3_row", None, ["static"]),
+    ("float8_static_activation_float8_weight", None, ["calibrat"]),
+])
+def test_says_what_it_cannot_serve(name, group_size, words):
+    reason = get_backend("quanto").unavailable_reason(resolve_scheme(name, group_size), CPU)
+    assert reason is not None and all(word in reason for word in words), reason
+
+
+def test_explicit_quanto_that_cannot_serve_raises_naming_layer_scheme_device_reason():
+    with pytest.raises(BackendUnavailable) as error:
+        quantrt.QuantizedTransformer.from_model(linear_model(torch.float32), QuantConfig("int8dq", backend="quanto"),
+                                                progress=False)
+    message = str(error.value)
+    assert "'0'" in message and "int8dq" in message and "cpu" in message and "per token" in message
+
+
+def test_moving_the_model_rebuilds_the_quanto_weight():
+    qts = quantized_copies(linear_model(torch.float32), "uint2wo", 32, ["reference", "quanto"])
+    for qt in qts.values():
+        qt.to(torch.bfloat16)
+    assert qts["quanto"].quantized_layers()["0"].backend_weight.dtype == torch.bfloat16
+    x = torch.randn(5, 256, dtype=torch.bfloat16)
+    torch.testing.assert_close(qts["quanto"](x), qts["reference"](x), **tolerance("uint2wo", torch.bfloat16))
+
+
+@pytest.mark.parametrize("case, dtype", [(("int4wo", 128), torch.bfloat16), (("float8wo_e5m2", None), torch.float32)],
+                         ids=["int4wo-g128-bf16", "float8wo_e5m2-fp32"])
+@COMPILE_WARNINGS
+def test_compiles_fullgraph_on_cpu(case, dtype):
+    # int4 / group 128 / bf16 is the case quanto's own optimized CPU tensor (tinygemm) fails to compile
+    scheme, group_size = case
+    qt = quantized_copies(linear_model(dtype), scheme, group_size, ["quanto"])["quanto"]
+    x = torch.randn(7, 256, dtype=dtype)
+    eager = qt(x)
+    torch._dynamo.reset()
+    compiled = torch.compile(qt, fullgraph=True)(x)
+    torch.testing.assert_close(compiled, eager, **tolerance(scheme, dtype))
+
+
+def test_deepcopy_rebuilds_the_quanto_weight():
+    # quanto's tensors cannot be deep-copied themselves; the copy rebuilds its own from its buffers
+    qt = quantized_copies(linear_model(torch.float32), "int4wo", 32, ["quanto"])["quanto"]
+    twin = copy.deepcopy(qt)
+    original, copied = qt.quantized_layers()["0"], twin.quantized_layers()["0"]
+    assert copied.backend_weight is not original.backend_weight and copied.backend is original.backend
+    x = torch.randn(3, 256)
+    torch.testing.assert_close(twin(x), qt(x))

@@ -1,0 +1,118 @@
+import pytest
+import torch
+
+pytest.importorskip("torchao")
+
+import quantrt  # noqa: E402
+from quantrt import QuantConfig  # noqa: E402
+from quantrt.backends import BackendUnavailable, get_backend  # noqa: E402
+from quantrt.backends.torchao import torchao_config  # noqa: E402
+from quantrt.schemes import resolve_scheme  # noqa: E402
+
+from .backend_cases import (  # noqa: E402
+    DYNAMIC, WEIGHT_ONLY, backends_of, case_id, flux_inputs, linear_model, quantized_copies, tiny_flux, tolerance,
+)
+
+CPU = torch.device("cpu")
+# torch warns that torchao/quanto tensor subclasses cannot be hashed for its AOT autograd cache
+COMPILE_WARNINGS = pytest.mark.filterwarnings("ignore:.*_stable_hash_for_caching:UserWarning")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", WEIGHT_ONLY + DYNAMIC, ids=case_id)
+def test_linear_matches_reference(case, dtype):
+    scheme, group_size = case
+    qts = quantized_copies(linear_model(dtype), scheme, group_size, ["reference", "torchao"])
+    assert backends_of(qts["torchao"]) == {"torchao"}
+    x = torch.randn(3, 11, 256, dtype=dtype)
+    expected, actual = qts["reference"](x), qts["torchao"](x)
+    assert actual.dtype == dtype and actual.shape == expected.shape
+    torch.testing.assert_close(actual, expected, **tolerance(scheme, dtype))
+
+
+@pytest.mark.parametrize("case", [("int8wo", None), ("uint4wo", 16), ("uint3wo", 32), ("float8wo_e5m2", None),
+                                  ("int4dq", 32)], ids=case_id)
+def test_tiny_flux_matches_reference(case):
+    scheme, group_size = case
+    dtype = torch.bfloat16
+    qts = quantized_copies(tiny_flux(dtype), scheme, group_size, ["reference", "torchao"])
+    inputs = flux_inputs(dtype)
+    with torch.no_grad():
+        expected, actual = qts["reference"](**inputs)[0], qts["torchao"](**inputs)[0]
+    torch.testing.assert_close(actual, expected, **tolerance(scheme, dtype))
+
+
+def test_torchao_weight_holds_quantrt_codes_and_state_dict_stays_quantrt():
+    qt = quantrt.QuantizedTransformer.from_model(linear_model(torch.float32), QuantConfig("uint3wo", group_size=32,
+                                                 backend="torchao"), progress=False)
+    layer = qt.quantized_layers()["0"]
+    assert "quantrt's codes" in layer.backend_config
+    torch.testing.assert_close(layer.backend_weight.dequantize().float(), layer.dequantize())
+    assert set(qt.state_dict()) == {f"model.{layer}.{name}" for layer in ("0", "2")
+                                    for name in ("qweight", "scale", "zero")} | {"model.0.bias"}
+
+
+def test_configs_set_no_inductor_settings():
+    for name in ["int8wo", "int4wo", "float8wo_e4m3", "int8dq"]:
+        config = torchao_config(resolve_scheme(name), CPU)
+        assert getattr(config, "set_inductor_config", False) is False, name
+
+
+@pytest.mark.parametrize("name, words", [
+    ("fp6_e3m2", ["FPXWeightOnlyConfig", "0.16"]),
+    ("float8dq_e4m3_row", ["CUDA", "8.9"]),
+    ("float8dq_e4m3_tensor", ["CUDA", "8.9"]),
+    ("float8_static_activation_float8_weight", ["calibrat"]),
+])
+def test_says_what_it_cannot_serve_on_cpu(name, words):
+    reason = get_backend("torchao").unavailable_reason(resolve_scheme(name), CPU)
+    assert reason is not None and all(word in reason for word in words), reason
+
+
+def test_grouped_int8dq_is_refused():
+    reason = get_backend("torchao").unavailable_reason(resolve_scheme("int8dq", group_size=64), CPU)
+    assert reason and "per output channel" in reason
+
+
+def test_explicit_torchao_that_cannot_serve_raises_naming_layer_scheme_device_reason():
+    with pytest.raises(BackendUnavailable) as error:
+        quantrt.QuantizedTransformer.from_model(linear_model(torch.float32), QuantConfig("float8dq_e4m3_row",
+                                                backend="torchao"), progress=False)
+    message = str(error.value)
+    assert "'0'" in message and "float8dq_e4m3_row" in message and "cpu" in message and "8.9" in message
+    assert "reference" in message  # what can serve instead
+
+
+def test_moving_the_model_rebuilds_the_torchao_weight():
+    model = linear_model(torch.float32)
+    qts = quantized_copies(model, "int4wo", 32, ["reference", "torchao"])
+    for qt in qts.values():
+        qt.to(torch.bfloat16)
+    layer = qts["torchao"].quantized_layers()["0"]
+    assert layer.backend_weight.dtype == torch.bfloat16
+    x = torch.randn(5, 256, dtype=torch.bfloat16)
+    torch.testing.assert_close(qts["torchao"](x), qts["reference"](x), **tolerance("int4wo", torch.bfloat16))
+
+
+def test_loading_a_state_dict_rebuilds_the_torchao_weight():
+    source = quantrt.QuantizedTransformer.from_model(linear_model(torch.float32), QuantConfig(
+        "int8wo", backend="torchao"), progress=False)
+    target = quantrt.QuantizedTransformer.from_model(linear_model(torch.float32), QuantConfig(
+        "int8wo", backend="torchao"), progress=False)
+    target.load_state_dict(source.state_dict())
+    x = torch.randn(4, 256)
+    torch.testing.assert_close(target(x), source(x))
+
+
+@pytest.mark.parametrize("case, dtype", [(("int8wo", None), torch.float32), (("int4wo", 32), torch.float32),
+                                         (("float8wo_e4m3", None), torch.bfloat16)],
+                         ids=["int8wo-fp32", "int4wo-fp32", "float8wo_e4m3-bf16"])
+@COMPILE_WARNINGS
+def test_compiles_fullgraph_on_cpu(case, dtype):
+    scheme, group_size = case
+    qt = quantized_copies(linear_model(dtype), scheme, group_size, ["torchao"])["torchao"]
+    x = torch.randn(7, 256, dtype=dtype)
+    eager = qt(x)
+    torch._dynamo.reset()
+    compiled = torch.compile(qt, fullgraph=True)(x)
+    torch.testing.assert_close(compiled, eager, **tolerance(scheme, dtype))
