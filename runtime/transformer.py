@@ -170,7 +170,9 @@ def _attach_backends(model: nn.Module, config: QuantConfig, device: torch.device
     reports = []
     for name, module in model.named_modules():
         if isinstance(module, QuantizedLinear):
-            module.backend, how = select_backend(module.scheme, device, config.backend_for(name), name)
+            module.backend, how = select_backend(module.scheme, device, config.backend_for(name), name,
+                                                 shape=(module.out_features, module.in_features),
+                                                 dtype=module.scale.dtype)
             module.backend_reason = how
             if module.scheme.activation == "fp8_static":
                 module.calibrated = bool(torch.isfinite(module.act_scale).all())
