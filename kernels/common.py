@@ -306,12 +306,13 @@ def _matmul_kernel(
     Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), number of K ranges). Program (pid, r) computes one
     [BLOCK_M, BLOCK_N] tile over K range r: [r * K_PER_SPLIT, (r + 1) * K_PER_SPLIT), K_PER_SPLIT a
     multiple of BLOCK_K. A K tile is walked as BLOCK_K / LANES rows of LANES codes (K_ROWS = K / LANES
-    rows in all, passed so that the masks' divisibility is known and the loads vectorize). LANES == 1: row k
-    is column k (`load_codes`). LANES == 8 (sub-byte codes, K % 32 == 0, GROUP_SIZE % 8 == 0): row o
-    is the octet of codes 8o .. 8o + 7, whose planes load as whole words (`load_octet_words`), and
-    lane j of the octets multiplies x's original columns 8o + j: the K sum in another order. BLOCK_M == 1
-    (GEMV): fp32 products accumulated per (K row, column), summed over K once at the end; BLOCK_M >= 16:
-    tl.dot with W cast to x.dtype (fp32: IEEE precision; on GPUs BLOCK_K / LANES >= 16).
+    rows in all, passed so that the masks' divisibility is known and the loads vectorize).
+    LANES == 1: row k is column k (`load_codes`). LANES == 8 (sub-byte codes, K % 32 == 0,
+    GROUP_SIZE % 8 == 0): row o is the octet of codes 8o .. 8o + 7, whose planes load as whole words
+    (`load_octet_words`), and lane j of the octets multiplies x's original columns 8o + j: the K sum
+    in another order.
+    BLOCK_M == 1 (GEMV): fp32 products accumulated per (K row, column), summed over K once at the end.
+    BLOCK_M >= 16: tl.dot with W cast to x.dtype (fp32: IEEE precision; on GPUs BLOCK_K / LANES >= 16).
     """
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -519,7 +520,8 @@ def run(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch
     if m == 0 or n == 0:
         return out
     group_size = group_size_of(k, scale)
-    octets = lanes(fmt, k, group_size) == 8
+    # octet words need 4-byte aligned rows: true of every contiguous weight with K % 32 == 0
+    octets = lanes(fmt, k, group_size) == 8 and qweight.stride(0) % 4 == 0 and qweight.storage_offset() % 4 == 0
     if octets:
         x = lane_major(x)
     k_per_split = triton.cdiv(triton.cdiv(k, config.split_k), config.block_k) * config.block_k
@@ -627,8 +629,9 @@ def select_config(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, z
                   bias: torch.Tensor | None, fmt: WeightFormat) -> KernelConfig:
     """The config of a call: the tuning table's pick for (GPU, torch, triton, SOURCE_HASH, format and x
     dtype, N, K, group size, M bucket); on a miss on CUDA the fastest of `candidates`, persisted;
-    `heuristic` off CUDA or with QUANTRT_AUTOTUNE=0 (then nothing is benchmarked)."""
-    m, k = x.shape
+    `heuristic` off CUDA or with QUANTRT_AUTOTUNE=0 (then nothing is benchmarked). A symbolic M
+    (torch.compile with dynamic shapes) is specialized: the config depends on it."""
+    m, k = int(x.shape[0]), int(x.shape[1])
     n = qweight.shape[0]
     group_size = group_size_of(k, scale)
     if x.device.type != "cuda" or os.environ.get("QUANTRT_AUTOTUNE", "1") == "0":
@@ -643,7 +646,11 @@ def select_config(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, z
         except (TypeError, ValueError):
             warnings.warn(f"quantrt tuning: ignoring the malformed entry {key!r} of {table.path}")
     smem = torch.cuda.get_device_properties(x.device).shared_memory_per_block_optin
-    times = benchmark((x, qweight, scale, zero, bias), fmt, candidates(fmt, m, n, k, group_size, smem))
+    try:
+        times = benchmark((x, qweight, scale, zero, bias), fmt, candidates(fmt, m, n, k, group_size, smem))
+    except Exception as e:  # tuning must never break a forward (nor a torch.compile trace)
+        warnings.warn(f"quantrt tuning: benchmarking failed ({type(e).__name__}: {e})")
+        times = {}
     if not times:
         warnings.warn(f"quantrt tuning: no {fmt.name} config ran for M={m}, N={n}, K={k}; using the heuristic")
         return heuristic(fmt, m, n, k, group_size, x.device)
@@ -697,6 +704,6 @@ def matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: to
         if path is None:
             config = select_config(x, qweight, scale, zero, bias, fmt)
         else:
-            m, k = x.shape
+            m, k = int(x.shape[0]), int(x.shape[1])
             config = heuristic(fmt, m, qweight.shape[0], k, group_size_of(k, scale), x.device, path)
     return run(x, qweight, scale, zero, bias, fmt, config)

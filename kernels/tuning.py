@@ -71,9 +71,9 @@ class TuningTable:
             return {}
         try:
             data = json.loads(text)
-            if not isinstance(data, dict) or data.get("version") != VERSION or not isinstance(data.get("entries"), dict):
+            entries = data.get("entries") if isinstance(data, dict) and data.get("version") == VERSION else None
+            if not isinstance(entries, dict):
                 raise ValueError(f"not a version {VERSION} tuning table")
-            entries = data["entries"]
             if not all(isinstance(v, dict) for v in entries.values()):
                 raise ValueError("an entry is not a config")
         except ValueError as e:  # json.JSONDecodeError is a ValueError
@@ -82,20 +82,25 @@ class TuningTable:
             return {}
         return entries
 
+    def _loaded(self) -> dict[str, dict]:
+        # the entries, read on first use; call with self._mutex held
+        if self._entries is None:
+            self._entries = self._read()
+        return self._entries
+
     def entries(self) -> dict[str, dict]:
+        """A copy of all picks."""
         with self._mutex:
-            if self._entries is None:
-                self._entries = self._read()
-            return dict(self._entries)
+            return dict(self._loaded())
 
     def get(self, key: str) -> dict | None:
-        return self.entries().get(key)
+        with self._mutex:
+            return self._loaded().get(key)
 
     def put(self, key: str, config: dict) -> None:
         """Record a pick and persist the table (merged with the file's current entries)."""
-        self.entries()
         with self._mutex:
-            self._entries[key] = config
+            self._loaded()[key] = config
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 with filelock.FileLock(str(self.path) + ".lock", timeout=30):

@@ -35,6 +35,10 @@ class TritonBackend(Backend):
         if ops is None:
             return f"the Triton kernels cannot be imported ({type(_import_error).__name__}: {_import_error})"
         if device.type == "cuda":
+            if not torch.cuda.is_available():
+                return "CUDA is not available"
+            if torch.cuda.get_device_capability(device) < (8, 0):
+                return "the kernels need a GPU of compute capability 8.0 or newer (bf16 tensor cores)"
             return None
         if device.type != "cpu" or os.environ.get("TRITON_INTERPRET") != "1":
             return ("Triton kernels need a CUDA device (or TRITON_INTERPRET=1 to run them through the "

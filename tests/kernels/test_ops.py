@@ -48,7 +48,8 @@ OPS = [_int8, _uint4, _uint3, _fp6, _fp8_e4m3_tensor, _fp8_e5m2]
 OP_IDS = ["int8-g16", "uint4-g32", "uint3-g16", "fp6_e3m2", "fp8_e4m3-tensor", "fp8_e5m2"]
 
 
-@pytest.mark.parametrize("dtype, bias", [(torch.float16, True), (torch.float32, False)], ids=["fp16-bias", "fp32-nobias"])
+@pytest.mark.parametrize("dtype, bias", [(torch.float16, True), (torch.float32, False)],
+                         ids=["fp16-bias", "fp32-nobias"])
 @pytest.mark.parametrize("make", OPS, ids=OP_IDS)
 def test_opcheck_on_the_reference_path(monkeypatch, make, dtype, bias):
     """Schema, fake tensors, AOT dispatch: on CPU with the interpreter off the ops run the reference
@@ -100,6 +101,11 @@ def _models(dtype):
     return model, copy.deepcopy(model)
 
 
+def _quantize(model, scheme, group_size, backend):
+    config = quantrt.QuantConfig(scheme, group_size=group_size, backend=backend)
+    return quantrt.QuantizedTransformer.from_model(model, config)
+
+
 SCHEMES = [("int8wo", None), ("int4wo", 32), ("uint2wo", 32), ("fp6_e3m2", None), ("float8wo_e4m3", None),
            ("float8wo_e5m2", None)]
 
@@ -108,8 +114,8 @@ SCHEMES = [("int8wo", None), ("int4wo", 32), ("uint2wo", 32), ("fp6_e3m2", None)
 @pytest.mark.parametrize("scheme, group_size", SCHEMES, ids=[s for s, _ in SCHEMES])
 def test_triton_backend_matches_reference(scheme, group_size, dtype):
     model, twin = _models(dtype)
-    qt = quantrt.QuantizedTransformer.from_model(model, quantrt.QuantConfig(scheme, group_size=group_size, backend="triton"))
-    ref = quantrt.QuantizedTransformer.from_model(twin, quantrt.QuantConfig(scheme, group_size=group_size, backend="reference"))
+    qt = _quantize(model, scheme, group_size, "triton")
+    ref = _quantize(twin, scheme, group_size, "reference")
     assert {r.backend for r in qt.summary()} == {"triton"}
     x = torch.randn(2, 5, 64, dtype=dtype)
     tolerance = {k: 2 * v for k, v in TOLERANCES[dtype].items()}  # two layers
@@ -121,8 +127,7 @@ def test_triton_backend_matches_reference(scheme, group_size, dtype):
 
 def test_triton_backend_bf16_on_cpu():
     model, twin = _models(torch.bfloat16)
-    qt = quantrt.QuantizedTransformer.from_model(model, quantrt.QuantConfig("int4wo", group_size=32, backend="triton"))
-    ref = quantrt.QuantizedTransformer.from_model(twin, quantrt.QuantConfig("int4wo", group_size=32, backend="reference"))
+    qt, ref = _quantize(model, "int4wo", 32, "triton"), _quantize(twin, "int4wo", 32, "reference")
     x = torch.randn(3, 64, dtype=torch.bfloat16)
     y = qt(x)
     assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
