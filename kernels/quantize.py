@@ -31,9 +31,13 @@ def _grouped(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
 
 
 def _safe_scale(absmax: torch.Tensor, qmax: float, scale_dtype: torch.dtype) -> torch.Tensor:
-    # all-zero groups get scale 1 so that 0 / s stays 0; round to the stored dtype before use
+    # all-zero groups get scale 1 so that 0 / s stays 0. The scale is rounded up to the stored dtype, never
+    # down: then absmax / scale <= qmax (the largest weight is not clipped), and a scale below the dtype's
+    # smallest subnormal (fp16 scales of fp8 e5m2 rows with absmax < 2e-3) is not flushed to 0 (0 / 0: NaN)
     scale = torch.where(absmax > 0, absmax / qmax, torch.ones_like(absmax))
-    return scale.to(scale_dtype)
+    stored = scale.to(scale_dtype)
+    rounded_down = stored.float() < scale
+    return torch.where(rounded_down, torch.nextafter(stored, torch.full_like(stored, float("inf"))), stored)
 
 
 def quantize_int8(
@@ -56,7 +60,12 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def _uintx_params(lo: torch.Tensor, hi: torch.Tensor, qmax: float,
                   scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    scale = _safe_scale(hi - lo, qmax, scale_dtype)
+    # a group far from 0 with a narrow range would get a zero point -lo / scale beyond scale_dtype's range
+    # (fp16, 7 bits: |lo| > 256 (hi - lo); inf there dequantizes to inf): its scale is widened so that
+    # |zero| <= max / 2, which costs nothing the weight's own dtype could resolve
+    span = hi - lo
+    floor = torch.maximum(lo.abs(), hi.abs()) * (2 * qmax / torch.finfo(scale_dtype).max)
+    scale = _safe_scale(torch.where(span > 0, torch.maximum(span, floor), span), qmax, scale_dtype)
     return scale, (-lo / scale.float()).to(scale_dtype)
 
 
@@ -194,7 +203,9 @@ def quantize_fp8_dynamic(x: torch.Tensor, fp8: str, per_row: bool) -> tuple[torc
     """Dynamic fp8 per row ([M, 1] scale) or per tensor ([1, 1] scale). x: [M, K]."""
     dtype = FP8_DTYPES[fp8]
     xf = x.float()
-    absmax = xf.abs().amax(dim=-1, keepdim=True) if per_row else xf.abs().amax().reshape(1, 1)
+    absmax = xf.abs().amax(dim=-1, keepdim=True)
+    if not per_row:  # a 0 appended, so that an empty batch (M = 0) has a maximum too
+        absmax = torch.cat([absmax.reshape(-1), absmax.new_zeros(1)]).amax().reshape(1, 1)
     fmax = torch.finfo(dtype).max
     scale = torch.where(absmax > 0, absmax / fmax, torch.ones_like(absmax))
     return (xf / scale).clamp_(-fmax, fmax).to(dtype), scale

@@ -99,8 +99,12 @@ class TuningTable:
 
     def put(self, key: str, config: dict) -> None:
         """Record a pick and persist the table (merged with the file's current entries)."""
+        self.update({key: config})
+
+    def update(self, picks: dict[str, dict]) -> None:
+        """Record several picks (a compile-cache entry's, say) and persist the table in one write."""
         with self._mutex:
-            self._loaded()[key] = config
+            self._loaded().update(picks)
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 with filelock.FileLock(str(self.path) + ".lock", timeout=30):

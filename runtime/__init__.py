@@ -2,7 +2,9 @@
 
 from importlib.metadata import PackageNotFoundError, version as _version
 
+from .autoquant import AutoquantPlan, autoquant
 from .calibrate import calibrate
+from .compile import RecompileError
 from .config import QuantConfig
 from .interop import quantize_pipeline, to_quant_config
 from .modules import LayerReport, QuantizedLinear, quantize_
@@ -14,5 +16,5 @@ try:
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0+source"
 
-__all__ = ["QuantConfig", "QuantizedLinear", "QuantizedTransformer", "LayerReport", "Scheme", "calibrate",
-           "quantize_", "quantize_pipeline", "resolve_scheme", "to_quant_config", "__version__"]
+__all__ = ["AutoquantPlan", "QuantConfig", "QuantizedLinear", "QuantizedTransformer", "LayerReport", "RecompileError", "Scheme", "calibrate",
+           "quantize_", "quantize_pipeline", "resolve_scheme", "to_quant_config", "autoquant", "__version__"]

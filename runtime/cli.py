@@ -19,6 +19,11 @@ commands:
             schemes, run it, and print weight bytes, ratio to bf16, time per forward and error per scheme
   quantize  quantize an unquantized diffusers/transformers model folder (safetensors) into a quantrt
             folder, streaming one tensor at a time
+  warmup    compile a quantized model for a list of input shapes ahead of serving and save the graphs and
+            kernels in the compile cache; --check proves, in a fresh process, that serving starts hot
+  bench     benchmarks: `bench kernels` (weight-only matmuls against bf16 torch.mm, torchao, quanto,
+            gemlite) and `bench model` (FLUX and Llama, bf16 against each scheme, eager and compiled);
+            results in benchmarks/results/
 """
 
 INFO_SCHEMES = ("int8wo", "int4wo", "uint1wo", "uint2wo", "uint3wo", "uint5wo", "uint6wo", "uint7wo",
@@ -107,6 +112,108 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _warmup_shapes(args: argparse.Namespace, default: list[str]) -> list[str]:
+    shapes = list(args.shape or [])
+    if args.shapes_file:
+        with open(args.shapes_file) as f:
+            text = f.read()
+        if text.lstrip().startswith("["):
+            import json
+
+            shapes += [str(s) for s in json.loads(text)]
+        else:
+            shapes += [line.split("#")[0].strip() for line in text.splitlines() if line.split("#")[0].strip()]
+    return shapes or default
+
+
+def cmd_warmup(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from .models import FLUX_TOKENS, build_flux, example_inputs
+    from .transformer import QuantizedTransformer
+
+    start = time.perf_counter()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype)
+    if args.model:
+        qt = QuantizedTransformer.from_pretrained(args.model, device=device, torch_dtype=dtype, backend=args.backend)
+        default = [f"{FLUX_TOKENS['tiny'][0]}x{FLUX_TOKENS['tiny'][1]}"]
+        if type(qt.model).__name__ != "FluxTransformer2DModel":
+            default = ["1x128"]
+    else:
+        from .config import QuantConfig
+
+        model = build_flux(args.size, dtype=dtype, device=device)
+        qt = QuantizedTransformer.from_model(model, QuantConfig(args.scheme, backend=args.backend), progress=False)
+        default = ["x".join(map(str, FLUX_TOKENS[args.size]))]
+    shapes = _warmup_shapes(args, default)
+    examples = [example_inputs(qt.model, spec) for spec in shapes]
+    qt.compile(mode=args.mode, regional=args.regional, strict=args.strict or args.check, cache_dir=args.cache_dir)
+    entry = qt._compiled.entry
+    if args.check and entry.status != "loaded":
+        why = f" ({entry.reason})" if entry.reason else ""
+        print(f"quantrt warmup --check: no valid cache entry for this model{why}: {entry.path}; run `quantrt warmup` "
+              f"with the same model, scheme and compile options first", file=sys.stderr)
+        return 1
+    print(f"{'checking' if args.check else 'warming'} {len(examples)} shape(s) of {type(qt.model).__name__} on "
+          f"{device}, mode={args.mode}{', regional' if args.regional else ''}; cache entry: {entry.path} "
+          f"({'found' if entry.status == 'loaded' else 'new'})")
+    report = qt.warmup(examples, progress=True)
+    print(report)
+    total = time.perf_counter() - start
+    if args.json:
+        import dataclasses
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump({"entry": str(entry.path), "entry_status": entry.status, "seconds_total": total,
+                       "shapes": [dataclasses.asdict(r) for r in report]}, f, indent=1)
+    if not args.check:
+        print(f"{sum(r.status == 'cold' for r in report)} shape(s) compiled, {sum(r.status == 'warm' for r in report)} "
+              f"loaded from the cache; {total:.1f} s in all")
+        return 0
+    misses = sum(r.cache_misses for r in report)
+    recompiles = sum(r.recompiles for r in report)
+    not_warm = [r.shape for r in report if r.status != "warm"]
+    warm_s = sum(r.seconds for r in report)
+    cold_s = sum(r.cold_seconds or 0.0 for r in report)
+    print(f"cache hits {sum(r.cache_hits for r in report)}, misses {misses}, recompiles {recompiles}; warm compile "
+          f"{warm_s:.2f} s against {cold_s:.2f} s cold ({warm_s / cold_s:.0%}); {total:.1f} s in all"
+          if cold_s else f"cache misses {misses}, recompiles {recompiles}")
+    if misses or recompiles or not_warm:
+        print("quantrt warmup --check: FAILED: " + "; ".join(
+            ([f"{misses} cache miss(es)"] if misses else []) + ([f"{recompiles} recompile(s)"] if recompiles else [])
+            + [f"not warm: {s}" for s in not_warm]), file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    outputs = args.bench_module.run(args, "quantrt", args.argv)
+    return 1 if outputs.failures else 0
+
+
+def _add_bench_parser(sub) -> None:
+    from . import bench_compile, bench_kernels, bench_model
+
+    bench = sub.add_parser("bench", help="benchmarks: kernels and whole models against bf16 and peers",
+                           description="Benchmarks that write a markdown table, a CSV and a PNG plot to "
+                                       "benchmarks/results/ (--out-dir). Without CUDA they run a reduced CPU smoke "
+                                       "run that checks they work, not their numbers.")
+    benchmarks = bench.add_subparsers(dest="benchmark", metavar="benchmark")
+    for name, module, summary in (
+            ("kernels", bench_kernels, "weight-only matmul kernels against bf16 torch.mm, torchao, quanto, gemlite"),
+            ("model", bench_model, "FLUX and Llama end to end: bf16 against each scheme, eager and compiled"),
+            ("compile", bench_compile, "cold compile against a warm start from the compile cache")):
+        parser = benchmarks.add_parser(name, help=summary, description=module.__doc__,
+                                       formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(parser)
+        parser.set_defaults(func=cmd_bench, bench_module=module)
+    bench.set_defaults(func=lambda args: bench.print_help() or 2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .demo import DEFAULT_SCHEMES
 
@@ -155,6 +262,39 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default: %(default)s)")
     quantize.add_argument("--overwrite", action="store_true", help="replace DST if it is not empty")
     quantize.set_defaults(func=cmd_quantize)
+
+    warmup = sub.add_parser(
+        "warmup", help="compile a quantized model for a list of shapes and fill the compile cache",
+        description="Compiles a quantized model (a quantrt folder, or the demo FLUX model with random weights) "
+                    "with torch.compile(fullgraph=True, mode=max-autotune), one static graph per input shape, "
+                    "and saves the graphs, compiled kernels and kernel tuning picks in the cache entry of the "
+                    "model's fingerprint (QUANTRT_CACHE_DIR, default ~/.cache/quantrt). Prints, per shape: "
+                    "seconds, cold compile seconds, Inductor cache hits/misses, recompiles and kernel picks. "
+                    "--check, run in a fresh process with the same options, loads the entry, runs every shape "
+                    "and fails (exit 1) on a cache miss, a recompile or a shape that was not warmed.",
+        epilog="shapes: FLUX: [BATCHx]IMAGE_TOKENSxTEXT_TOKENS (1x4096x512 is a 1024x1024 image); a transformers "
+               "LLM: [BATCHx]SEQUENCE_LENGTH. A shapes file has one shape per line (# comments) or a JSON list.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    warmup.add_argument("model", nargs="?", help="a quantrt folder (save_pretrained); default: the demo FLUX model")
+    warmup.add_argument("--size", choices=("tiny", "small", "full"), default="tiny",
+                        help="demo model size when no MODEL is given (default: %(default)s)")
+    warmup.add_argument("--scheme", default="int8wo", help="demo model scheme (default: %(default)s)")
+    warmup.add_argument("--shape", action="append", metavar="SHAPE", help="an input shape; repeat for more")
+    warmup.add_argument("--shapes-file", metavar="FILE", help="a file of shapes")
+    warmup.add_argument("--mode", default="max-autotune", help="torch.compile mode (default: %(default)s)")
+    warmup.add_argument("--regional", action="store_true",
+                        help="compile only the repeated blocks (much faster to compile)")
+    warmup.add_argument("--strict", action="store_true", help="raise on a shape that was not warmed")
+    warmup.add_argument("--check", action="store_true",
+                        help="verify a warm start: every shape must load from the cache, no recompiles")
+    warmup.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    warmup.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
+                        help="compute dtype (default: %(default)s)")
+    warmup.add_argument("--backend", default="auto", help="backend for every layer (default: %(default)s)")
+    warmup.add_argument("--cache-dir", help="cache folder (default: QUANTRT_CACHE_DIR, else ~/.cache/quantrt)")
+    warmup.add_argument("--json", metavar="FILE", help="also write the per-shape report as JSON")
+    warmup.set_defaults(func=cmd_warmup)
+    _add_bench_parser(sub)
     return parser
 
 
@@ -162,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_imports()
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the exact command, for the benchmarks' reports
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

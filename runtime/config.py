@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from .schemes import PARAMETRIZED, Scheme, resolve_scheme
 
 BACKENDS = ("auto", "triton", "torchao", "quanto", "reference")
 _VARIANT_KWARGS = ("dtype", "bits", "ebits", "mbits", "weight_dtype", "granularity")
+AUTOQUANT = "autoquant"
+# what QuantConfig("autoquant") measures unless told: one scheme per width/activation kind (quantrt.autoquant)
+AUTOQUANT_CANDIDATES = ("int8wo", "int8dq", "int4wo", "float8wo_e4m3", "fp6_e3m2")
+AUTOQUANT_OBJECTIVES = ("speed", "memory")
+AUTOQUANT_MAX_ERROR = 0.05
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,10 @@ class QuantConfig:
     backend: "auto" (triton, torchao, quanto, reference: the first that can serve), or one of them.
     activation_scale: the calibrated activation scale of float8_static_activation_float8_weight, if known
     (else run `quantrt.calibrate`).
+
+    QuantConfig("autoquant", candidates=["int8wo", "int4wo"], max_error=0.05, objective="speed") chooses a
+    scheme and backend per layer by measuring them on example inputs (`quantrt.autoquant`); candidates are
+    scheme names, Schemes, QuantConfigs (for a group_size) or None (full precision competes too).
     """
 
     def __init__(
@@ -48,6 +57,9 @@ class QuantConfig:
         modules: Mapping[str, str | QuantConfig | None] | None = None,
         backend: str = "auto",
         activation_scale: float | None = None,
+        candidates: Sequence[str | Scheme | QuantConfig | Mapping[str, Any] | None] | None = None,
+        max_error: float | None = None,
+        objective: str | None = None,
         **scheme_kwargs: Any,
     ):
         if scheme is not None and weights_dtype is not None:
@@ -62,7 +74,27 @@ class QuantConfig:
             raise TypeError(f"{sorted(scheme_kwargs)} only apply to the long names {', '.join(PARAMETRIZED)}")
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-        self.scheme = resolve_scheme(scheme if scheme is not None else weights_dtype, group_size, **scheme_kwargs)
+        is_autoquant = isinstance(scheme, str) and scheme.strip().lower() == AUTOQUANT
+        if not is_autoquant and (candidates is not None or max_error is not None or objective is not None):
+            raise TypeError(f"candidates, max_error and objective are options of QuantConfig('autoquant', ...), "
+                            f"not of {scheme if scheme is not None else weights_dtype!r}")
+        # autoquant: no single scheme; quantrt.autoquant measures and fills `modules` per layer
+        self.scheme: Scheme | None = None
+        self.candidates: tuple[Scheme | None, ...] = ()
+        self.max_error: float | None = None
+        self.objective: str | None = None
+        self.autoquant_plan = None  # the AutoquantPlan that filled `modules`, once measured
+        if is_autoquant:
+            if group_size is not None:
+                raise TypeError(f"QuantConfig('autoquant') takes no group_size ({group_size}); give it per "
+                                f"candidate, e.g. candidates=[QuantConfig('int4wo', group_size={group_size})]")
+            self.candidates = _autoquant_candidates(AUTOQUANT_CANDIDATES if candidates is None else candidates)
+            self.max_error = _autoquant_max_error(AUTOQUANT_MAX_ERROR if max_error is None else max_error)
+            self.objective = objective or "speed"
+            if self.objective not in AUTOQUANT_OBJECTIVES:
+                raise ValueError(f"autoquant objective {objective!r} is not one of {', '.join(AUTOQUANT_OBJECTIVES)}")
+        else:
+            self.scheme = resolve_scheme(scheme if scheme is not None else weights_dtype, group_size, **scheme_kwargs)
         self.requested = scheme if scheme is not None else weights_dtype
         self.group_size = group_size
         self.weights_dtype = weights_dtype
@@ -121,7 +153,17 @@ class QuantConfig:
         matched, value = self.override(name)
         if matched:
             return LayerPlan(None, "override: keep full precision") if value is None else LayerPlan(value.scheme)
+        if self.scheme is None:
+            if self.autoquant_plan is None:
+                raise ValueError(f"layer {name!r}: QuantConfig('autoquant') chooses each layer's scheme by measuring "
+                                 f"it on example inputs; use quantrt.autoquant(model, example_inputs, ...) or "
+                                 f"QuantizedTransformer.from_model(model, config, example_inputs=[...])")
+            return LayerPlan(None, "autoquant: not in the plan (the example inputs never reached it)")
         return LayerPlan(self.scheme)
+
+    @property
+    def is_autoquant(self) -> bool:
+        return self.scheme is None
 
     def backend_for(self, name: str) -> str:
         matched, value = self.override(name)
@@ -129,9 +171,15 @@ class QuantConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able description (saved with the model)."""
+        autoquant = {}
+        if self.is_autoquant:
+            autoquant = {"candidates": [None if c is None else {"scheme": c.name, "group_size": c.group_size}
+                                        for c in self.candidates],
+                         "max_error": self.max_error, "objective": self.objective}
         return {
-            "scheme": self.scheme.name,
-            "group_size": self.scheme.group_size,
+            "scheme": AUTOQUANT if self.is_autoquant else self.scheme.name,
+            "group_size": None if self.is_autoquant else self.scheme.group_size,
+            **autoquant,
             "requested": str(self.requested),
             "modules_to_not_convert": self.modules_to_not_convert,
             "modules": {k: (None if v is None else v.to_dict()) for k, v in self.modules.items()},
@@ -144,10 +192,52 @@ class QuantConfig:
         modules = {k: (None if v is None else cls.from_dict(v)) for k, v in data.get("modules", {}).items()}
         return cls(data["scheme"], group_size=data.get("group_size"),
                    modules_to_not_convert=data.get("modules_to_not_convert"), modules=modules,
-                   backend=data.get("backend", "auto"), activation_scale=data.get("activation_scale"))
+                   backend=data.get("backend", "auto"), activation_scale=data.get("activation_scale"),
+                   candidates=data.get("candidates"), max_error=data.get("max_error"), objective=data.get("objective"))
 
     def __repr__(self) -> str:
         extras = "".join(f", {k}={v!r}" for k, v in (
             ("modules_to_not_convert", self.modules_to_not_convert), ("modules", list(self.modules)),
             ("backend", self.backend)) if v and v != "auto")
+        if self.is_autoquant:
+            candidates = [None if c is None else c.name if c.group_size is None else f"{c.name}/g{c.group_size}"
+                          for c in self.candidates]
+            return (f"QuantConfig('autoquant', candidates={candidates}, max_error={self.max_error}, "
+                    f"objective={self.objective!r}{extras})")
         return f"QuantConfig({self.scheme.name!r}, group_size={self.scheme.group_size}{extras})"
+
+
+def _autoquant_candidates(values: Sequence[Any]) -> tuple[Scheme | None, ...]:
+    """Candidates of QuantConfig("autoquant") -> Schemes (None: full precision), in order, without repeats."""
+    if isinstance(values, (str, Scheme)) or not isinstance(values, Sequence):
+        raise TypeError(f"autoquant candidates are a list, e.g. ['int8wo', 'int4wo'], got {values!r}")
+    schemes = []
+    for value in values:
+        if value is None or isinstance(value, Scheme):
+            schemes.append(value)
+        elif isinstance(value, QuantConfig):
+            if value.is_autoquant:
+                raise ValueError("an autoquant candidate cannot itself be QuantConfig('autoquant')")
+            schemes.append(value.scheme)
+        elif isinstance(value, Mapping):  # as to_dict writes it
+            name = value.get("scheme", value.get("name"))
+            schemes.append(resolve_scheme(name, value.get("group_size") or -1))
+        else:
+            if isinstance(value, str) and value.strip().lower() == AUTOQUANT:
+                raise ValueError("'autoquant' cannot be one of its own candidates")
+            schemes.append(resolve_scheme(value))
+    if not schemes:
+        raise ValueError("QuantConfig('autoquant') needs at least one candidate scheme")
+    return tuple(dict.fromkeys(schemes))
+
+
+def _autoquant_max_error(value: Any) -> float:
+    try:
+        max_error = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"max_error is a number (the relative L2 error a layer's output may have, e.g. 0.05), "
+                        f"got {value!r}") from None
+    if not max_error >= 0 or max_error == float("inf"):
+        raise ValueError(f"max_error is the largest relative L2 error a layer may have, a finite number >= 0 "
+                         f"(e.g. 0.05 for 5%), got {value!r}")
+    return max_error

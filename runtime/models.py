@@ -73,3 +73,73 @@ def flux_inputs(model: torch.nn.Module, image_tokens: int | None = None, text_to
     if cfg.guidance_embeds:
         inputs["guidance"] = torch.full((batch,), 3.5, device=device, dtype=dtype)
     return inputs
+
+
+# transformers LlamaConfig fields: Llama-3-8B's dimensions, and a tiny one of the same architecture for CPU
+LLM_SIZES: dict[str, dict[str, Any]] = {
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512, max_position_embeddings=256),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0),
+}
+
+
+def build_llm(size: str = "tiny", dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
+              seed: int = 0) -> torch.nn.Module:
+    """A transformers LlamaForCausalLM with `size`'s config and random weights (deterministic given `seed`):
+    built on the meta device (accelerate's init_empty_weights), then each parameter is materialized on
+    `device` as it is drawn (normal, std 0.02; norm weights 1), so the model is never built twice. Needs
+    transformers."""
+    from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if size not in LLM_SIZES:
+        raise ValueError(f"unknown LLM size {size!r}; choose one of {', '.join(LLM_SIZES)}")
+    device = torch.device(device)
+    with init_empty_weights():  # parameters on meta; buffers (rotary frequencies) computed for real
+        model = LlamaForCausalLM(LlamaConfig(**LLM_SIZES[size]))
+    generator = torch.Generator(device=device).manual_seed(seed)
+    for name, param in list(model.named_parameters()):
+        if param.dim() == 1:  # RMSNorm weights
+            value = torch.ones(param.shape, device=device, dtype=dtype)
+        else:
+            value = torch.randn(param.shape, generator=generator, device=device, dtype=dtype).mul_(0.02)
+        set_module_tensor_to_device(model, name, device, value=value, dtype=dtype)
+    return model.to(device).eval()
+
+
+def parse_shape(spec: str) -> tuple[int, ...]:
+    """`1x4096x512` -> (1, 4096, 512). The fields are positive integers separated by `x`."""
+    try:
+        dims = tuple(int(d) for d in spec.lower().strip().split("x"))
+    except ValueError:
+        dims = ()
+    if not dims or any(d <= 0 for d in dims):
+        raise ValueError(f"shape {spec!r}: expected positive integers joined by 'x', such as 1x4096x512 (FLUX: "
+                         f"batch x image tokens x text tokens) or 1x128 (an LLM: batch x sequence length)")
+    return dims
+
+
+def example_inputs(model: torch.nn.Module, spec: str, seed: int = 1) -> dict[str, Any]:
+    """Random keyword arguments of one forward of `model` at the shape `spec`:
+    FluxTransformer2DModel: `[BATCHx]IMAGE_TOKENSxTEXT_TOKENS`; a transformers model with a vocabulary (an LLM):
+    `[BATCHx]SEQUENCE_LENGTH`."""
+    dims = parse_shape(spec)
+    config = getattr(model, "config", None)
+    if type(model).__name__ == "FluxTransformer2DModel":
+        if len(dims) not in (2, 3):
+            raise ValueError(f"shape {spec!r}: a FLUX transformer takes [BATCHx]IMAGE_TOKENSxTEXT_TOKENS, e.g. "
+                             f"1x4096x512")
+        batch, image, text = dims if len(dims) == 3 else (1, *dims)
+        return flux_inputs(model, image, text, batch=batch, seed=seed)
+    if config is not None and getattr(config, "vocab_size", None):
+        if len(dims) not in (1, 2):
+            raise ValueError(f"shape {spec!r}: a language model takes [BATCHx]SEQUENCE_LENGTH, e.g. 1x128")
+        batch, length = dims if len(dims) == 2 else (1, *dims)
+        g = torch.Generator().manual_seed(seed)
+        device = next(model.parameters()).device
+        ids = torch.randint(0, config.vocab_size, (batch, length), generator=g).to(device)
+        return {"input_ids": ids, "use_cache": False}
+    raise ValueError(f"quantrt builds example inputs for FluxTransformer2DModel and transformers language models, "
+                     f"not {type(model).__name__}; call qt.warmup([...]) from Python with your own inputs")

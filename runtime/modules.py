@@ -13,6 +13,8 @@ from .backends import Backend, get_backend, select_backend
 from .config import QuantConfig
 from .schemes import Scheme
 
+_QUANTIZE_CHUNK = 2**20  # weights quantized at a time by QuantizedLinear.set_weight
+
 
 class QuantizedLinear(nn.Module):
     """A Linear layer whose weight is stored quantized (buffers named by `Scheme.tensor_specs`:
@@ -57,8 +59,14 @@ class QuantizedLinear(nn.Module):
             raise ValueError(f"layer {self.name!r}: its weight {tuple(weight.shape)} has {bad} NaN/Inf values and "
                              f"cannot be quantized; fix the checkpoint or keep the layer in full precision with "
                              f"modules_to_not_convert=[{self.name!r}]")
-        for key, tensor in self.scheme.quantize(weight).items():
-            setattr(self, key, tensor)
+        # rows quantize independently (all but the per-tensor fp8 scales), so big weights go in chunks of
+        # ~1M values: the same result, and quantizing's float32 temporaries (~9x the input for uintX's range
+        # search) stay bounded instead of growing with the layer (quantize-on-load's peak memory)
+        rows = self.out_features if self.scheme.per_tensor else max(1, _QUANTIZE_CHUNK // max(1, self.in_features))
+        starts = list(range(0, self.out_features, rows)) or [0]
+        parts = [self.scheme.quantize(weight[start:start + rows]) for start in starts]
+        for key in parts[0]:
+            setattr(self, key, parts[0][key] if len(parts) == 1 else torch.cat([part[key] for part in parts]))
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The stored quantized tensors by name."""
@@ -91,11 +99,37 @@ class QuantizedLinear(nn.Module):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = checked_input(self, x)
+        if x.shape[:-1].numel() == 0:  # an empty batch (M = 0); torchao's dynamic-activation weights fail on one
+            return x.new_zeros(*x.shape[:-1], self.out_features)
         return self.backend.linear(self, x)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"scheme={self.scheme.name}, backend={self.backend.name}, bias={self.bias is not None}")
+
+
+def checked_input(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
+    """`x` if `layer` can take it, else a ValueError naming the layer, the input and the fix. Reads only
+    dtype, dim and the last size (no data), so torch.compile(fullgraph=True) traces through it. Any number
+    of leading dimensions (flattened by the backends), an empty batch and any strides are fine. Like
+    nn.Linear, a layer never casts its input silently: x must be in the layer's dtype; only under
+    torch.autocast is a floating x cast to it (nn.Linear computes in the autocast dtype there)."""
+    dtype = layer.scale.dtype
+    if x.dtype != dtype:
+        if not x.is_floating_point():
+            raise ValueError(f"layer {layer.name!r} got a {x.dtype} input {tuple(x.shape)}; quantized layers "
+                             f"take floating inputs in the model's dtype: cast the input to {dtype} "
+                             f"(x.to({dtype}))")
+        if not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(f"layer {layer.name!r} computes in {dtype} but got a {x.dtype} input "
+                             f"{tuple(x.shape)}: cast the input to the model's dtype (x.to({dtype})); quantrt, "
+                             f"like nn.Linear, does not cast silently")
+        x = x.to(dtype)
+    if x.dim() == 0 or x.shape[-1] != layer.in_features:
+        raise ValueError(f"layer {layer.name!r} takes inputs of shape [..., {layer.in_features}], got "
+                         f"{tuple(x.shape)}")
+    return x
 
 
 def _prepare_after_load(layer: QuantizedLinear, incompatible_keys) -> None:
@@ -133,6 +167,11 @@ def quantize_(model: nn.Module, config: str | QuantConfig, *, progress: bool | N
     if isinstance(model, nn.Linear):
         raise TypeError("quantize_ swaps the Linear layers inside a model; wrap a lone nn.Linear in a module "
                         "(e.g. nn.Sequential(linear)) first")
+    if not linears:
+        if any(isinstance(module, QuantizedLinear) for module in model.modules()):
+            raise ValueError(f"{type(model).__name__} is already quantized (its Linear layers are QuantizedLinear); "
+                             f"quantize the original model")
+        raise ValueError(f"{type(model).__name__} has no nn.Linear layers: there is nothing to quantize")
     reports = []
     bar = tqdm(linears, desc="quantizing", unit="layer", disable=(not progress) if progress is not None else None)
     for name, linear in bar:

@@ -249,6 +249,17 @@ def _check_group_size(scheme: Scheme, group_size: int) -> None:
                          f"usual), got {group_size}")
 
 
+def _whole_number(scheme: Scheme, group_size) -> int:
+    """group_size as an int: 64, 64.0 or "64" (from a JSON file or a command line); else a ValueError."""
+    try:
+        value = int(group_size)
+    except (TypeError, ValueError):
+        value = None
+    if value is None or isinstance(group_size, bool) or (isinstance(group_size, float) and group_size != value):
+        raise ValueError(f"{scheme.name}: group_size must be a whole number, got {group_size!r}")
+    return value
+
+
 def resolve_scheme(name: str | Scheme, group_size: int | None = None, **kwargs) -> Scheme:
     """Any accepted spelling -> Scheme. `group_size` overrides the scheme's default; keyword arguments
     carry the variant of torchao's long names (dtype=, ebits=/mbits=, weight_dtype=, granularity=)."""
@@ -280,9 +291,15 @@ def resolve_scheme(name: str | Scheme, group_size: int | None = None, **kwargs) 
             scheme = _fpx(ebits, mbits)
         else:
             raise _unknown(name)
+    if group_size is not None:
+        group_size = _whole_number(scheme, group_size)
+    if group_size == -1 and scheme.weight == "uintx":
+        raise ValueError(f"{scheme.name} stores its {scheme.bits}-bit codes in groups; group_size=-1 (one scale "
+                         f"per output channel) is for int8wo: give a power of two >= 8, e.g. "
+                         f"{SCHEMES['int4wo'].group_size}")
     if group_size is not None and group_size != -1:
-        _check_group_size(scheme, int(group_size))
-        scheme = replace(scheme, group_size=int(group_size))
+        _check_group_size(scheme, group_size)
+        scheme = replace(scheme, group_size=group_size)
     elif group_size == -1 and scheme.weight == "int8":
         scheme = replace(scheme, group_size=None)
     return scheme

@@ -8,6 +8,10 @@ A saved folder holds:
     or model-0000i-of-0000n.safetensors unquantized parameters), sharded by max_shard_size with
        + model.safetensors.index.json   an index mapping each tensor to its shard
 
+quantrt_config.json also records the size and sha256 of every other file ("files"), checked before a
+tensor is read: safetensors checks its header, not the tensor bytes, so a flipped bit in a weight would
+otherwise load as a wrong result. Folders saved before quantrt recorded checksums load unchecked.
+
 Loading rebuilds the skeleton on the meta device (accelerate's init_empty_weights), swaps in
 QuantizedLinear skeletons, and copies each stored tensor straight to the target device one at a time, so
 peak host memory stays near one tensor, not the model. Only diffusers and transformers classes are rebuilt
@@ -16,10 +20,15 @@ from their names; any other model is passed in by the caller (a class named in a
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -137,20 +146,123 @@ def save_folder(path: str | os.PathLike, model: nn.Module, metadata: dict[str, A
             (staging / INDEX_NAME).write_text(json.dumps(
                 {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         metadata = dict(metadata, format_version=FORMAT_VERSION, tied=tied,
-                        tensors={k: {"dtype": dtype_name(v.dtype), "shape": list(v.shape)} for k, v in tensors.items()})
+                        tensors={k: {"dtype": dtype_name(v.dtype), "shape": list(v.shape)} for k, v in tensors.items()},
+                        files=file_checksums(staging, sorted(p.name for p in staging.iterdir())))
+        # written last: a folder with a config is complete (a save killed midway leaves none)
         (staging / CONFIG_NAME).write_text(json.dumps(metadata, indent=2, default=_json_default))
         if path.exists():
-            backup = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            backup.rmdir()
-            path.rename(backup)
-            staging.rename(path)
-            shutil.rmtree(backup)
+            if _exchange(staging, path):  # atomic: `path` always holds a complete folder, old or new
+                shutil.rmtree(staging)  # now the old folder
+            else:  # no atomic exchange here: `path` is missing between the two renames
+                backup = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+                backup.rmdir()
+                path.rename(backup)
+                staging.rename(path)
+                shutil.rmtree(backup)
         else:
             staging.rename(path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return path
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the folders `a` and `b` in one atomic step (Linux renameat2 with RENAME_EXCHANGE). False where
+    the C library, kernel or file system cannot; then nothing was changed."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # a C library without renameat2 (glibc < 2.28, musl)
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def _sha256(file: Path) -> str:
+    with open(file, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def file_checksums(folder: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    """{name: {"bytes", "sha256"}} of the files `names` in `folder`, hashed in parallel (hashlib releases
+    the GIL): about 1.7 GB/s per core."""
+    with ThreadPoolExecutor(max(1, min(len(names), os.cpu_count() or 1))) as pool:
+        digests = list(pool.map(lambda name: _sha256(folder / name), names))
+    return {name: {"bytes": (folder / name).stat().st_size, "sha256": digest} for name, digest in zip(names, digests)}
+
+
+def verify_files(path: str | os.PathLike, metadata: dict[str, Any]) -> None:
+    """Check the size and sha256 of every file that quantrt_config.json records against the folder's; a
+    CheckpointError names the first file that differs. Folders saved without checksums pass unchecked."""
+    recorded = metadata.get("files")
+    if recorded is None:
+        return
+    root = Path(path)
+    for name, record in recorded.items():
+        file = root / name
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing (quantrt_config.json lists it); the folder is incomplete")
+        size = file.stat().st_size
+        if size != record["bytes"]:
+            raise CheckpointError(f"{file} has {size} bytes but {record['bytes']} were saved: it was truncated "
+                                  f"or modified after saving")
+    actual = file_checksums(root, list(recorded))
+    for name, record in recorded.items():
+        if actual[name]["sha256"] != record["sha256"]:
+            raise CheckpointError(f"{root / name} is corrupted: its sha256 is {actual[name]['sha256'][:16]}... but "
+                                  f"{record['sha256'][:16]}... was recorded when it was saved; re-save or re-download "
+                                  f"it (or pass verify_checksums=False to load it anyway)")
+
+
+def _expect(condition: bool, file: Path, what: str) -> None:
+    if not condition:
+        raise CheckpointError(f"{file} is not a quantrt config: {what}; the file is damaged or was not written "
+                              f"by quantrt")
+
+
+def _check_structure(file: Path, metadata: Any) -> None:
+    """Every field that loading reads is present with the right type, so that a damaged or hand-edited
+    quantrt_config.json fails here with its name, not with a KeyError deep inside loading."""
+    from .config import QuantConfig
+    from .schemes import resolve_scheme
+
+    _expect(isinstance(metadata, dict), file, "it holds no JSON object")
+    for key in ("quant_config", "model", "layers", "tensors"):
+        _expect(isinstance(metadata.get(key), dict), file, f"{key!r} is missing or not an object")
+    for key in ("tied", "kept", "files"):
+        _expect(isinstance(metadata.get(key, {}), dict), file, f"{key!r} is not an object")
+    fields = {"scheme": str, "group_size": (int, type(None)), "in_features": int, "out_features": int,
+              "bias": bool, "dtype": str}
+    for name, record in metadata["layers"].items():
+        _expect(isinstance(record, dict) and all(isinstance(record.get(k), t) for k, t in fields.items()), file,
+                f"layer {name!r} needs {', '.join(fields)} of the right types, has {record!r}")
+        try:
+            resolve_scheme(record["scheme"], record["group_size"] if record["group_size"] else -1)
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"{file}: layer {name!r}: {e} (written by a newer quantrt?)") from e
+        parse_dtype(record["dtype"])
+    for name, record in metadata["tensors"].items():
+        _expect(isinstance(record, dict) and isinstance(record.get("dtype"), str)
+                and isinstance(record.get("shape"), list)
+                and all(isinstance(d, int) and d >= 0 for d in record["shape"]), file,
+                f"tensor {name!r} needs a dtype and a shape, has {record!r}")
+    for name, record in metadata.get("files", {}).items():
+        _expect(isinstance(record, dict) and isinstance(record.get("bytes"), int)
+                and isinstance(record.get("sha256"), str), file, f"file {name!r} needs bytes and sha256")
+        _expect(Path(name).name == name and name not in ("", ".", ".."), file,
+                f"file {name!r} is not a plain name inside the folder")
+    try:
+        QuantConfig.from_dict(metadata["quant_config"])
+    except (ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{file}: its quant_config cannot be read: {e} (written by a newer quantrt?)") from e
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -163,11 +275,16 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         metadata = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{file} is not valid JSON ({e}); the folder is damaged") from e
+    _expect(isinstance(metadata, dict), file, "it holds no JSON object")
     version = metadata.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
         raise CheckpointError(
             f"{file} has format version {version!r}, written by quantrt {metadata.get('quantrt_version', '?')}; "
             f"this quantrt ({__version__}) reads format versions 1..{FORMAT_VERSION}: upgrade quantrt")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CheckpointError(f"{file} has format version {version!r}, which no quantrt writes (1..{FORMAT_VERSION} "
+                              f"are known): the file is damaged or was not written by quantrt")
+    _check_structure(file, metadata)
     return metadata
 
 
@@ -217,46 +334,68 @@ def build_skeleton(identity: dict[str, Any], model: nn.Module | Callable[[], nn.
         return cls._from_config(config) if hasattr(cls, "_from_config") else cls(config)
 
 
-def load_tensors(model: nn.Module, path: str | os.PathLike, metadata: dict[str, Any], device: torch.device,
-                 cast: Callable[[str, torch.Tensor], torch.Tensor] = lambda name, t: t) -> None:
-    """Copy every stored tensor into `model` on `device`, checking names, dtypes and shapes against both the
-    JSON and the skeleton; every mismatch is an error naming the tensor."""
-    from accelerate.utils import set_module_tensor_to_device
-    from safetensors import SafetensorError, safe_open
+# safetensors' dtype names (as its headers write them) -> torch's
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+                       "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 
-    expected = metadata["tensors"]
-    skeleton = dict(model.state_dict(keep_vars=True))
-    loaded = set()
-    for file, names in weight_files(path, metadata).items():
+
+def _check_headers(model: nn.Module, path: str | os.PathLike, files: dict[str, list[str]],
+                   expected: dict[str, Any], skeleton: dict[str, torch.Tensor]) -> None:
+    """Names, dtypes and shapes of every shard's tensors (from the safetensors headers, no data read) against
+    the JSON and the skeleton; every mismatch is an error naming the tensor."""
+    for file, names in files.items():
         file_path = Path(path) / file
         if not file_path.is_file():
             raise CheckpointError(f"shard {file} is missing from {path} (it holds {names[0]!r} and {len(names) - 1} more)")
+        with _open_safetensors(file_path) as f:
+            keys = set(f.keys())
+            unknown = sorted(keys - set(expected))
+            if unknown:
+                raise CheckpointError(f"{file} holds tensors that {CONFIG_NAME} does not list, e.g. {unknown[:3]} "
+                                      f"(renamed or from another model)")
+            for name in names:
+                if name not in keys:
+                    raise CheckpointError(f"tensor {name!r} is missing from {file}")
+                if name not in expected:
+                    raise CheckpointError(f"tensor {name!r} in {file} is not listed in {CONFIG_NAME}")
+                if name not in skeleton:
+                    raise CheckpointError(f"tensor {name!r} in {file} has no place in the rebuilt "
+                                          f"{type(model).__name__} (renamed, or a different model?)")
+                stored = f.get_slice(name)
+                dtype, shape = _SAFETENSORS_DTYPES.get(stored.get_dtype(), stored.get_dtype()), list(stored.get_shape())
+                want, target = expected[name], skeleton[name]
+                if dtype != want["dtype"] or shape != want["shape"]:
+                    raise CheckpointError(f"tensor {name!r} in {file} is {dtype} {shape} but {CONFIG_NAME} says "
+                                          f"{want['dtype']} {want['shape']}")
+                target_dtype = dtype_name(target.dtype)
+                if tuple(shape) != tuple(target.shape) or dtype != target_dtype and not (
+                        parse_dtype(dtype).is_floating_point and target.is_floating_point()):
+                    raise CheckpointError(f"tensor {name!r} is {dtype} {shape} but the model expects {target_dtype} "
+                                          f"{list(target.shape)}")
+
+
+def load_tensors(model: nn.Module, path: str | os.PathLike, metadata: dict[str, Any], device: torch.device,
+                 cast: Callable[[str, torch.Tensor], torch.Tensor] = lambda name, t: t, verify: bool = True) -> None:
+    """Copy every stored tensor into `model` on `device`. First the names, dtypes and shapes in the shards'
+    headers are checked against both the JSON and the skeleton, then (`verify`) every file's sha256
+    against the JSON's, and only then is any tensor read; every mismatch is an error naming the tensor or
+    the file."""
+    from accelerate.utils import set_module_tensor_to_device
+    from safetensors import SafetensorError
+
+    expected = metadata["tensors"]
+    skeleton = dict(model.state_dict(keep_vars=True))
+    files = weight_files(path, metadata)
+    _check_headers(model, path, files, expected, skeleton)
+    if verify:
+        verify_files(path, metadata)
+    loaded = set()
+    for file, names in files.items():
         try:
-            with safe_open(file_path, framework="pt", device="cpu") as f:
-                keys = set(f.keys())
-                unknown = sorted(keys - set(expected))
-                if unknown:
-                    raise CheckpointError(f"{file} holds tensors that {CONFIG_NAME} does not list, e.g. {unknown[:3]} "
-                                          f"(renamed or from another model)")
+            with _open_safetensors(Path(path) / file) as f:
                 for name in names:
-                    if name not in keys:
-                        raise CheckpointError(f"tensor {name!r} is missing from {file}")
-                    if name not in expected:
-                        raise CheckpointError(f"tensor {name!r} in {file} is not listed in {CONFIG_NAME}")
-                    if name not in skeleton:
-                        raise CheckpointError(f"tensor {name!r} in {file} has no place in the rebuilt "
-                                              f"{type(model).__name__} (renamed, or a different model?)")
-                    tensor = f.get_tensor(name)
-                    want = expected[name]
-                    target = skeleton[name]
-                    if dtype_name(tensor.dtype) != want["dtype"] or list(tensor.shape) != want["shape"]:
-                        raise CheckpointError(f"tensor {name!r} in {file} is {dtype_name(tensor.dtype)} "
-                                              f"{list(tensor.shape)} but {CONFIG_NAME} says {want['dtype']} {want['shape']}")
-                    if tuple(tensor.shape) != tuple(target.shape) or tensor.dtype != target.dtype and not (
-                            tensor.is_floating_point() and target.is_floating_point()):
-                        raise CheckpointError(f"tensor {name!r} is {dtype_name(tensor.dtype)} {list(tensor.shape)} but "
-                                              f"the model expects {dtype_name(target.dtype)} {list(target.shape)}")
-                    tensor = cast(name, tensor)
+                    tensor = cast(name, f.get_tensor(name))
                     set_module_tensor_to_device(model, name, device, value=tensor, dtype=tensor.dtype)
                     loaded.add(name)
         except SafetensorError as e:
@@ -284,15 +423,29 @@ def _unquantized_weight_files(folder: Path) -> list[Path]:
     for stem in ("diffusion_pytorch_model", "model"):
         index = folder / f"{stem}.safetensors.index.json"
         if index.is_file():
-            files = dict.fromkeys(json.loads(index.read_text())["weight_map"].values())
+            try:
+                files = dict.fromkeys(json.loads(index.read_text())["weight_map"].values())
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+                raise CheckpointError(f"{index} is not a valid safetensors index: {e!r}") from e
             paths = [(folder / f).resolve() for f in files]
-            if any(p.parent != folder.resolve() for p in paths):
-                raise CheckpointError(f"{index} points outside {folder}")
+            if any(p.parent != folder.resolve() or p.suffix != ".safetensors" for p in paths):
+                raise CheckpointError(f"{index} points outside {folder} or at a file that is not .safetensors "
+                                      f"(quantrt never loads .bin/.pt pickles)")
             return paths
         if (folder / f"{stem}.safetensors").is_file():
             return [folder / f"{stem}.safetensors"]
     raise CheckpointError(f"{folder} has no safetensors weights (diffusion_pytorch_model.safetensors or "
                           f"model.safetensors, or their index); quantrt never loads .bin/.pt pickles")
+
+
+def _open_safetensors(file: Path):
+    """safe_open(file) on CPU; a damaged header or a file cut short is a CheckpointError naming the file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(file, framework="pt", device="cpu")
+    except SafetensorError as e:
+        raise CheckpointError(f"{file} is damaged or truncated and cannot be read: {e}") from e
 
 
 def unquantized_identity(folder: Path) -> dict[str, Any]:
@@ -301,7 +454,12 @@ def unquantized_identity(folder: Path) -> dict[str, Any]:
     if not file.is_file():
         raise CheckpointError(f"{folder} has neither {CONFIG_NAME} (a quantrt folder) nor config.json "
                               f"(a diffusers/transformers model folder)")
-    config = json.loads(file.read_text())
+    try:
+        config = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file} is not valid JSON ({e}); the folder is damaged") from e
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{file} holds no JSON object")
     if "_class_name" in config:
         return {"library": "diffusers", "class": config["_class_name"], "config": config}
     if config.get("architectures"):
@@ -316,13 +474,14 @@ def quantize_folder(folder: str | os.PathLike, config, device: torch.device, tor
     quantizing each planned Linear weight as it arrives, so the full-precision model is never whole in
     memory. Returns (model, {kept layer: why})."""
     from accelerate.utils import set_module_tensor_to_device
-    from safetensors import safe_open
     from tqdm.auto import tqdm
 
+    from .checkpoints import SafetensorsReader, release_freed_memory
     from .modules import QuantizedLinear
 
     folder = Path(folder)
-    skeleton = build_skeleton(unquantized_identity(folder), model)
+    # a caller-given skeleton needs no config.json (plain nn.Module folders have none)
+    skeleton = build_skeleton(unquantized_identity(folder) if model is None else {}, model)
     kept, planned = {}, {}
     for name, linear in list(skeleton.named_modules()):
         if type(linear) is not nn.Linear:
@@ -342,9 +501,11 @@ def quantize_folder(folder: str | os.PathLike, config, device: torch.device, tor
     loaded = set()
     files = _unquantized_weight_files(folder)
     for file in tqdm(files, desc="quantizing while loading", unit="shard", disable=(not progress) if progress is not None else None):
-        with safe_open(file, framework="pt", device="cpu") as f:
+        # plain reads, not safe_open's memory map (whose touched pages stay resident until the whole shard
+        # is closed), and freed pages handed back after each weight: peak RSS near the quantized size
+        with SafetensorsReader(file) as f:
             for name in f.keys():
-                tensor = f.get_tensor(name)
+                tensor = f.read(name)
                 if name in planned:
                     layer = planned[name]
                     weight = tensor.to(device=device, dtype=torch_dtype or tensor.dtype)
@@ -354,6 +515,8 @@ def quantize_folder(folder: str | os.PathLike, config, device: torch.device, tor
                         layer.act_scale = torch.full((1, 1), float("nan") if config.activation_scale is None
                                                      else config.activation_scale, device=device)
                         layer.calibrated = config.activation_scale is not None
+                    del tensor, weight
+                    release_freed_memory()
                     continue
                 if name not in expected:
                     raise CheckpointError(f"tensor {name!r} in {file.name} has no place in {type(skeleton).__name__}")

@@ -46,21 +46,63 @@ class QuantizedTransformer(nn.Module):
         self.model = model
         self.quant_config = quant_config
         self._reports = ModelSummary(reports)
+        self._compiled = None  # a compile.CompiledForward once compile() ran
 
     @classmethod
     def from_model(cls, model: nn.Module, config: str | QuantConfig | dict = "int8wo", *,
-                   progress: bool | None = None) -> QuantizedTransformer:
-        """Quantize `model` in place (its Linear layers are replaced) and wrap it."""
+                   progress: bool | None = None, example_inputs: list[Any] | None = None) -> QuantizedTransformer:
+        """Quantize `model` in place (its Linear layers are replaced) and wrap it. QuantConfig("autoquant")
+        measures the candidates on `example_inputs` first (quantrt.autoquant)."""
         if isinstance(model, QuantizedTransformer):
             raise TypeError("this model is already a QuantizedTransformer; quantize the original model")
         config = QuantConfig.coerce(config)
+        if config.is_autoquant and config.autoquant_plan is None:
+            if example_inputs is None:
+                raise ValueError("QuantConfig('autoquant') measures each layer on real activations: pass "
+                                 "example_inputs=[...] (dicts of keyword arguments or tuples of positional ones)")
+            from .autoquant import autoquant
+
+            return autoquant(model, example_inputs, config=config, progress=progress)
+        if example_inputs is not None and not config.is_autoquant:
+            raise ValueError(f"example_inputs are for QuantConfig('autoquant'); {config!r} does not use them")
         reports = quantize_(model, config, progress=progress)
         if not reports:
             raise ValueError(f"{type(model).__name__} has no nn.Linear layers: there is nothing to quantize")
+        if config.autoquant_plan is not None:
+            from .autoquant import explain
+
+            explain(reports, config.autoquant_plan)
         return cls(model, config, reports)
 
     def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
+        return (self._compiled or self.model)(*args, **kwargs)
+
+    def compile(self, mode: str | None = "max-autotune", *, fullgraph: bool = True, regional: bool = False,
+                shapes: str = "exact", strict: bool = False, options: dict[str, Any] | None = None,
+                cache: bool = True, cache_dir: str | os.PathLike | None = None) -> QuantizedTransformer:
+        """Compile the forward with torch.compile(fullgraph=True, mode="max-autotune", dynamic=False): one static
+        graph per input shape bucket. `regional`: compile only the repeated blocks (diffusers'
+        `_repeated_blocks`, else ModuleLists of same-class blocks): much faster to compile. `shapes`: "exact"
+        (a graph per distinct shape) or "pad" (rows padded to buckets; row-wise models only, see
+        CompileOptions). `strict`: once warmed, a shape that was not warmed raises RecompileError instead of
+        compiling. `cache`: graphs and kernels are loaded from and saved to the entry of this model's
+        fingerprint under `cache_dir` (default QUANTRT_CACHE_DIR, else ~/.cache/quantrt). Returns self."""
+        from .compile import CompiledForward, CompileOptions
+
+        options_ = CompileOptions(mode=None if options else mode, fullgraph=fullgraph, regional=regional,
+                                  shapes=shapes, strict=strict, options=options)
+        plan = self.autoquant_plan
+        self._compiled = CompiledForward(self.model, options_, cache=cache, cache_dir=cache_dir,
+                                         extra={"autoquant_plan": plan.to_dict()} if plan is not None else None)
+        return self
+
+    def warmup(self, examples, progress: bool | None = None):
+        """Compile every example's shape bucket ahead of serving and save the graphs in the cache entry. Each
+        example is a dict of keyword arguments, a tuple of positional ones, or a tensor. Compiles with the
+        defaults first if compile() was not called. Returns a per-shape report (print it for a table)."""
+        if self._compiled is None:
+            self.compile()
+        return self._compiled.warmup(examples, progress=progress)
 
     @property
     def config(self):
@@ -74,6 +116,11 @@ class QuantizedTransformer(nn.Module):
             if name == "model" or "model" not in self._modules:
                 raise
             return getattr(self._modules["model"], name)
+
+    @property
+    def autoquant_plan(self):
+        """The AutoquantPlan that chose each layer's scheme and backend, or None if not autoquantized."""
+        return self.quant_config.autoquant_plan
 
     def quantized_layers(self) -> dict[str, QuantizedLinear]:
         return {name: m for name, m in self.model.named_modules() if isinstance(m, QuantizedLinear)}
@@ -107,6 +154,8 @@ class QuantizedTransformer(nn.Module):
         metadata = {"quantrt_version": __version__, "quant_config": self.quant_config.to_dict(),
                     "model": model_identity(self.model), "layers": layers,
                     "kept": {r.name: r.why for r in self._reports if not r.quantized}}
+        if self.autoquant_plan is not None:
+            metadata["autoquant_plan"] = self.autoquant_plan.to_dict()
         save_folder(path, self.model, metadata, max_shard_size=max_shard_size, overwrite=overwrite)
 
     @classmethod
@@ -114,15 +163,28 @@ class QuantizedTransformer(nn.Module):
                         torch_dtype: torch.dtype | None = None, backend: str | None = None,
                         model: nn.Module | Callable[[], nn.Module] | None = None,
                         quantization: str | QuantConfig | dict | None = None,
-                        progress: bool | None = None) -> QuantizedTransformer:
+                        progress: bool | None = None, verify_checksums: bool = True) -> QuantizedTransformer:
         """Load a folder that `save_pretrained` wrote. The skeleton is built on the meta device and each
         stored tensor goes straight to `device` as stored (no requantization). Backends are chosen for
         `device` (a model saved on a GPU runs on a CPU through the fallbacks); `backend` overrides the saved
         choice. `torch_dtype` casts the floating tensors (scales, unquantized parameters). `model` is the
-        skeleton (module or zero-argument factory) for models that are not diffusers/transformers classes."""
+        skeleton (module or zero-argument factory) for models that are not diffusers/transformers classes.
+        `verify_checksums`: check every file's sha256 against the one recorded at save time before any tensor
+        is read (about 1.7 GB/s per core), so that a corrupted file is an error, not a wrong result.
+        A folder that optimum-quanto or torchao wrote (quantization_map.json, or config.json's
+        quantization_config, or torchao's safetensors metadata) loads through quantrt.checkpoints: each
+        weight becomes the quantrt scheme that stores the same numbers, or the layer is refused with why."""
+        from .checkpoints import foreign_format, load_foreign
         from .serialization import CheckpointError, build_skeleton, load_tensors, parse_dtype, read_metadata
 
         device = torch.device(device)
+        foreign = foreign_format(path)
+        if foreign is not None:
+            if quantization is not None:
+                raise ValueError(f"{path} is already quantized ({foreign} checkpoint); load it without quantization=, "
+                                 f"or pass the unquantized model's folder to quantize it with {quantization!r}")
+            skeleton, config, kept = load_foreign(foreign, path, device, torch_dtype, backend, model)
+            return cls(skeleton.eval(), config, _attach_backends(skeleton, config, device, kept))
         if quantization is not None:
             from .serialization import quantize_folder
 
@@ -135,6 +197,9 @@ class QuantizedTransformer(nn.Module):
         config = QuantConfig.from_dict(metadata["quant_config"])
         if backend is not None:
             config.backend = backend
+        from .autoquant import explain, restore_plan
+
+        stale = restore_plan(config, metadata, device, backend, path)
         skeleton = build_skeleton(metadata["model"], model)
         for name, record in metadata["layers"].items():
             try:
@@ -158,10 +223,31 @@ class QuantizedTransformer(nn.Module):
                 return tensor
             return tensor.to(torch_dtype)
 
-        load_tensors(skeleton, path, metadata, device, cast)
+        load_tensors(skeleton, path, metadata, device, cast, verify=verify_checksums)
         skeleton.to(device)  # buffers that are not saved (rotary tables, say) follow
         reports = _attach_backends(skeleton, config, device, metadata.get("kept", {}))
+        if config.autoquant_plan is not None:
+            explain(reports, config.autoquant_plan, stale)
         return cls(skeleton.eval(), config, reports)
+
+    @classmethod
+    def from_single_file(cls, file: str | os.PathLike, quantization: str | QuantConfig | dict, *,
+                         config: dict | str | os.PathLike | None = None, device: str | torch.device = "cpu",
+                         torch_dtype: torch.dtype | None = None, backend: str | None = None,
+                         progress: bool | None = None) -> QuantizedTransformer:
+        """Load one .safetensors file in the model's original layout (e.g. BFL's flux1-dev.safetensors), as
+        diffusers' FluxTransformer2DModel.from_single_file does (its own key conversion), quantizing each
+        Linear weight as it is read so the full-precision model is never whole in memory. `config`: the
+        diffusers config (a dict, or a folder with its config.json); None infers it from
+        quantrt.models.FLUX_SIZES when the file's shapes match one (the model hub is never asked)."""
+        from .checkpoints import quantize_single_file
+
+        device = torch.device(device)
+        quant_config = QuantConfig.coerce(quantization)
+        if backend is not None:
+            quant_config.backend = backend
+        skeleton, kept = quantize_single_file(file, quant_config, config, device, torch_dtype, progress)
+        return cls(skeleton.eval(), quant_config, _attach_backends(skeleton, quant_config, device, kept))
 
 
 def _attach_backends(model: nn.Module, config: QuantConfig, device: torch.device,

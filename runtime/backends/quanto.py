@@ -137,7 +137,8 @@ class QuantoBackend(Backend):
         if weight is None:
             raise RuntimeError(f"layer {layer.name!r}: its quanto weight was never built (the layer was on the "
                                f"meta device when prepared); load its tensors, then call layer.backend.prepare(layer)")
-        y = F.linear(x.to(weight.dtype), weight, layer.bias)
+        # quanto's CPU int8 kernel (_weight_int8pack_mm) refuses rows that are not contiguous
+        y = F.linear(x.to(weight.dtype).contiguous(), weight, layer.bias)
         return y.to(x.dtype)
 
 

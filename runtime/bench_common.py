@@ -1,0 +1,407 @@
+"""What the benchmarks share (`quantrt bench kernels`, `quantrt bench model`): the run's device and
+versions, timing (triton.testing.do_bench on CUDA, a perf_counter median on CPU), the measured HBM
+bandwidth and matmul rate that the floors are counted against, byte counting of quantized tensors of
+any library, and the result files (markdown, CSV, PNG).
+
+Results land in `<out-dir>/<UTC date-time>-<device>-<benchmark>.{md,csv,png}`; `--out-dir` defaults to
+`benchmarks/results` under the working directory (a run from the checkout puts them next to the
+scripts), and a CPU smoke run without `--out-dir` writes to a fresh temporary folder instead, so that CI
+never litters the results folder with CPU numbers that say nothing about GPUs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import datetime
+import importlib.metadata
+import logging
+import math
+import os
+import platform
+import re
+import shlex
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+DISTRIBUTIONS = ("quantrt", "torch", "triton", "torchao", "optimum-quanto", "gemlite", "diffusers", "transformers",
+                 "accelerate", "matplotlib")
+ENVIRONMENT_VARIABLES = ("TRITON_INTERPRET", "QUANTRT_BACKEND", "QUANTRT_AUTOTUNE", "QUANTRT_TUNING_FILE",
+                         "QUANTRT_CACHE_DIR", "CUDA_VISIBLE_DEVICES")
+# do_bench's warmup and repetition times per point (ms): short enough for sweeps of thousands of points,
+# long enough for a stable median
+DEFAULT_WARMUP_MS = 25
+DEFAULT_REP_MS = 100
+CPU_REPEATS = 3
+
+
+def distribution_version(name: str) -> str | None:
+    """The installed version of a distribution, or None."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def device_label(device: torch.device) -> str:
+    """The device's name as a file-name fragment: NVIDIA_H100_80GB_HBM3, cpu."""
+    if device.type == "cuda":
+        return re.sub(r"[^A-Za-z0-9.]+", "_", torch.cuda.get_device_name(device)).strip("_")
+    return device.type
+
+
+def quiet_library_logs() -> None:
+    """torchao and diffusers log warnings at import and model building that say nothing about a benchmark
+    (what the CLI's `_quiet_imports` does, for the scripts)."""
+    for name in ("torchao", "torch.utils._pytree", "diffusers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+
+def pick_device(cpu_smoke: bool, echo: Callable[[str], None] = print) -> torch.device:
+    """CUDA unless the smoke run is asked for; without CUDA the smoke run is what runs, said out loud."""
+    if cpu_smoke:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        echo("no CUDA device: running the reduced CPU smoke run (checks the benchmark works, not its numbers)")
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+@dataclass
+class Run:
+    """One benchmark run: where it runs, how it was asked for, and where its files go."""
+
+    benchmark: str  # "kernels", "model"
+    device: torch.device
+    command: str
+    out_dir: Path
+    smoke: bool
+    started: datetime.datetime = field(default_factory=lambda: datetime.datetime.now(datetime.timezone.utc))
+
+    @classmethod
+    def create(cls, benchmark: str, device: torch.device, prog: str, argv: Sequence[str],
+               out_dir: Path | None) -> Run:
+        smoke = device.type != "cuda"
+        if out_dir is None:
+            out_dir = (Path(tempfile.mkdtemp(prefix=f"quantrt-bench-{benchmark}-")) if smoke
+                       else Path("benchmarks") / "results")
+        command = " ".join([prog, *(shlex.quote(a) for a in argv)])
+        return cls(benchmark, device, command, Path(out_dir), smoke)
+
+    @property
+    def stem(self) -> Path:
+        """The results' path without suffix: <out_dir>/<date>-<device>-<benchmark>[-cpu-smoke]."""
+        suffix = "-cpu-smoke" if self.smoke else ""
+        return self.out_dir / f"{self.started:%Y-%m-%d-%H%M%S}-{device_label(self.device)}-{self.benchmark}{suffix}"
+
+    def header_lines(self, title: str) -> list[str]:
+        """The markdown head of a results file: title, date, command, device, versions, environment."""
+        lines = [f"# {title}", "",
+                 f"- date: {self.started:%Y-%m-%d %H:%M} UTC",
+                 f"- command: `{self.command}`",
+                 f"- device: {describe_device(self.device)}"]
+        if self.smoke:
+            lines.append("- **CPU smoke run**: small shapes and a CPU timer; it checks that the benchmark works, "
+                         "its numbers say nothing about GPUs")
+        versions = ", ".join(f"{name} {distribution_version(name) or 'not installed'}" for name in DISTRIBUTIONS)
+        lines.append(f"- python {platform.python_version()}, {versions}")
+        if self.device.type == "cuda":
+            lines.append(f"- CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}")
+        lines.append("- environment: " + ", ".join(f"{v}={os.environ.get(v, '(unset)')}" for v in ENVIRONMENT_VARIABLES))
+        return lines
+
+
+@contextlib.contextmanager
+def smoke_threads(smoke: bool):
+    """One intra-op thread during a CPU smoke run, restored after: its matmuls are tiny, and on a shared CI
+    machine OpenMP's spinning threads make each of them milliseconds instead of microseconds."""
+    if not smoke:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@contextlib.contextmanager
+def private_tuning_table(device: torch.device, path: Path | None):
+    """On CUDA, QUANTRT_TUNING_FILE points at `path` (or a fresh temporary table) while the block runs, and
+    is restored after: the benchmark tunes quantrt's kernels as a fresh deployment would, never reading nor
+    filling the user's own table. Yields the table's path (None off CUDA, where nothing is tuned)."""
+    if device.type != "cuda":
+        yield None
+        return
+    path = path or Path(tempfile.mkdtemp(prefix="quantrt-tuning-")) / "tuning.json"
+    previous = os.environ.get("QUANTRT_TUNING_FILE")
+    os.environ["QUANTRT_TUNING_FILE"] = str(path)
+    try:
+        yield path
+    finally:
+        if previous is None:
+            os.environ.pop("QUANTRT_TUNING_FILE", None)
+        else:
+            os.environ["QUANTRT_TUNING_FILE"] = previous
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type != "cuda":
+        return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
+    props = torch.cuda.get_device_properties(device)
+    l2 = getattr(props, "L2_cache_size", 0)
+    return (f"{props.name}, {props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB, "
+            f"compute capability {props.major}.{props.minor}, L2 {l2 / 2**20:.0f} MiB")
+
+
+def l2_bytes(device: torch.device) -> int:
+    """The device's L2 cache in bytes (0 off CUDA)."""
+    if device.type != "cuda":
+        return 0
+    return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2**20))
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(fn: Callable[[], Any], device: torch.device, warmup: int = 1, repeats: int = CPU_REPEATS) -> float:
+    """Median milliseconds of `repeats` calls after `warmup` untimed ones: CUDA events on CUDA (each call
+    timed alone, after a synchronize), time.perf_counter off CUDA. For calls long enough that launch
+    overhead does not matter (a whole model's forward)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            begin = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - begin) * 1e3)
+    return statistics.median(times)
+
+
+def time_rotated(calls: Sequence[Callable[[], Any]], device: torch.device, warmup_ms: int = DEFAULT_WARMUP_MS,
+                 rep_ms: int = DEFAULT_REP_MS) -> tuple[float, str]:
+    """(milliseconds per call, how it was timed) of a list of calls that each touch their own copy of the
+    data (weights and inputs rotated, together larger than L2).
+
+    On CUDA: every call is run twice (a first call may tune or compile), then all of them are captured
+    in one CUDA graph, so that Python and launch overhead do not hide the kernels, and the graph's replay
+    is timed by the median of triton.testing.do_bench (which also flushes L2 before each replay); the
+    time per call is that over len(calls). "graph". Where the capture fails, do_bench of the calls
+    launched one by one: "launch". Off CUDA: the median of a few perf_counter timings of the list: "cpu".
+    """
+    if not calls:
+        raise ValueError("time_rotated needs at least one call")
+
+    def run_all() -> None:
+        for call in calls:
+            call()
+
+    if device.type != "cuda":
+        return median_ms(run_all, device) / len(calls), "cpu"
+    import triton.testing
+
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # warm on a side stream: what CUDA graph capture wants
+        run_all()
+        run_all()
+    torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.synchronize(device)
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            run_all()
+        ms = triton.testing.do_bench(graph.replay, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+        return ms / len(calls), "graph"
+    except Exception:  # a library whose call cannot be captured: time launches instead
+        torch.cuda.synchronize(device)
+        ms = triton.testing.do_bench(run_all, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+        return ms / len(calls), "launch"
+
+
+@dataclass
+class Roofline:
+    """The measured limits of this device: copy bandwidth (bytes/s) and bf16 matmul rate (flop/s)."""
+
+    bandwidth: float
+    matmul_rate: float
+    how: str
+
+    def memory_floor_ms(self, nbytes: float) -> float:
+        return nbytes / self.bandwidth * 1e3
+
+    def compute_floor_ms(self, flops: float) -> float:
+        return flops / self.matmul_rate * 1e3
+
+    def describe(self) -> str:
+        return (f"measured HBM bandwidth {self.bandwidth / 1e9:,.0f} GB/s, bf16 matmul rate "
+                f"{self.matmul_rate / 1e12:,.1f} TFLOP/s ({self.how})")
+
+
+def measure_roofline(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> Roofline:
+    """Bandwidth by a device-to-device copy of 1 GiB (bytes read + written over the median time) and the
+    matmul rate by an 8192^3 `dtype` torch.mm (cuBLAS), both by do_bench medians; off CUDA a 64 MiB copy
+    and a 512^3 matmul with the CPU timer (numbers for the smoke run's arithmetic only)."""
+    if device.type == "cuda":
+        import triton.testing
+
+        src = torch.empty(2**30, dtype=torch.uint8, device=device).random_()
+        dst = torch.empty_like(src)
+        copy_ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
+        bandwidth = 2 * src.numel() / (copy_ms * 1e-3)
+        del src, dst
+        n = 8192
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        mm_ms = triton.testing.do_bench(lambda: torch.mm(a, b), warmup=25, rep=200, return_mode="median")
+        del a, b
+        torch.cuda.empty_cache()
+        how = f"1 GiB device copy; {n}^3 {str(dtype).removeprefix('torch.')} torch.mm; do_bench medians"
+    else:
+        src = torch.randn(2**24, device=device)
+        dst = torch.empty_like(src)
+        copy_ms = median_ms(lambda: dst.copy_(src), device, repeats=5)
+        bandwidth = 2 * src.numel() * src.element_size() / (copy_ms * 1e-3)
+        n = 512
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        mm_ms = median_ms(lambda: torch.mm(a, b), device, repeats=5)
+        how = f"64 MiB CPU copy; {n}^3 torch.mm; perf_counter medians"
+    return Roofline(bandwidth, 2 * n**3 / (mm_ms * 1e-3), how)
+
+
+def stored_bytes(obj: Any) -> int:
+    """Bytes that a weight takes as stored: a plain tensor's elements; a tensor subclass's inner tensors
+    (torchao and optimum-quanto tensors flatten into them, `__tensor_flatten__`); a module's parameters,
+    buffers and tensor attributes (gemlite keeps its packed weight as attributes), each tensor once."""
+    seen: set[int] = set()
+
+    def count(t: Any) -> int:
+        if not isinstance(t, torch.Tensor) or id(t) in seen:
+            return 0
+        seen.add(id(t))
+        if type(t) not in (torch.Tensor, nn.Parameter) and hasattr(t, "__tensor_flatten__"):
+            names, _ = t.__tensor_flatten__()
+            return sum(count(getattr(t, name)) for name in names)
+        return t.numel() * t.element_size()
+
+    if isinstance(obj, nn.Module):
+        total = 0
+        for module in obj.modules():
+            tensors = [*module._parameters.values(), *module._buffers.values(),
+                       *(v for v in vars(module).values() if isinstance(v, torch.Tensor))]
+            total += sum(count(t) for t in tensors)
+        return total
+    return count(obj)
+
+
+def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    """||y - ref|| / ||ref|| in float64."""
+    y, ref = y.detach().double(), ref.detach().double()
+    return float((y - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def geometric_mean(values: Sequence[float]) -> float:
+    values = [v for v in values if v > 0 and math.isfinite(v)]
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
+
+
+def cell(value: Any, digits: int = 3) -> str:
+    """A table cell: '-' for missing values, floats to `digits` significant digits."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) < 10**digits else f"{value:,.0f}"
+    return str(value)
+
+
+def write_csv(path: Path, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path:
+    """All rows at once (lists of values in `headers`' order; None is written as an empty cell)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(headers)
+        writer.writerows([["" if v is None else v for v in row] for row in rows])
+    return path
+
+
+class CsvLog:
+    """A CSV file written a row at a time and flushed, so that a run cut short (a time limit, a crashed GPU)
+    still leaves every point it measured. Rows are dataclass instances with the fields of `headers`."""
+
+    def __init__(self, path: Path, headers: Sequence[str]):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path, self.headers = path, list(headers)
+        self._file = open(path, "w", newline="")
+        self._writer = csv.writer(self._file)
+        self._writer.writerow(self.headers)
+        self._file.flush()
+
+    def write(self, row: Any) -> None:
+        self._writer.writerow(["" if getattr(row, h) is None else getattr(row, h) for h in self.headers])
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> CsvLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def write_text(path: Path, lines: Sequence[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None when matplotlib is not installed (`pip install
+    quantrt[bench]`); the benchmarks then say so and skip their plot."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+PLOT_MISSING = "matplotlib is not installed (pip install \"quantrt[bench]\"): no plot"
+
+
+def script_main(module: Any, argv: Sequence[str] | None, prog: str) -> int:
+    """`main` of a benchmark script: parse `module.add_arguments`, run `module.run`, exit 1 on failed points."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog=prog, description=module.__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    module.add_arguments(parser)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    quiet_library_logs()
+    return 1 if module.run(args, prog, argv).failures else 0

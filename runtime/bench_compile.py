@@ -1,0 +1,131 @@
+"""`quantrt bench compile`: cold compile against a warm start from the compile cache.
+
+Each measurement is its own process, as in a deployment: a cold run (`quantrt warmup` into an empty cache
+folder) and then a warm run (`quantrt warmup --check`, a fresh process that loads the entry). Reported per
+configuration: the compile seconds summed over the shapes (the first call of each shape: compilation, or
+loading from the cache, plus one forward), the whole process's wall time (imports, model building and
+quantization included), Inductor cache hits/misses and recompiles of the warm run, and the warm/cold ratio.
+Targets (issue "Compile-first"): warm under 20% of cold on the tiny model, under 10% at FLUX.1-dev dimensions
+on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from . import bench_common as bc
+from .bench_common import Run, cell, pick_device, write_csv, write_text
+from .models import FLUX_TOKENS
+
+TARGETS = {"tiny": 0.20, "full": 0.10}
+HEADERS = ["model", "scheme", "mode", "regional", "shapes", "cold compile s", "warm compile s", "warm/cold",
+           "target", "cold process s", "warm process s", "warm hits", "warm misses", "warm recompiles"]
+
+
+def warmup_process(args: list[str], report: Path) -> tuple[dict, float]:
+    """Run `quantrt warmup ARGS --json REPORT` in a fresh process; its JSON report and wall seconds."""
+    command = [sys.executable, "-m", "quantrt.cli", "warmup", *args, "--json", str(report)]
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout[-2000:]}\n"
+                           f"{done.stderr[-4000:]}")
+    return json.loads(report.read_text()), seconds
+
+
+def measure(size: str, scheme: str, mode: str, regional: bool, shapes: list[str], device: torch.device,
+            dtype: str, backend: str) -> list[object]:
+    with tempfile.TemporaryDirectory(prefix="quantrt-bench-compile-") as tmp:
+        args = ["--size", size, "--scheme", scheme, "--mode", mode, "--device", device.type, "--dtype", dtype,
+                "--backend", backend, "--cache-dir", str(Path(tmp) / "cache")]
+        args += ["--regional"] if regional else []
+        for shape in shapes:
+            args += ["--shape", shape]
+        cold, cold_wall = warmup_process(args, Path(tmp) / "cold.json")
+        warm, warm_wall = warmup_process(args + ["--check"], Path(tmp) / "warm.json")
+    cold_s = sum(r["seconds"] for r in cold["shapes"])
+    warm_s = sum(r["seconds"] for r in warm["shapes"])
+    ratio = warm_s / cold_s
+    target = TARGETS.get(size)
+    verdict = "-" if target is None else f"< {target:.0%}: {'met' if ratio < target else 'NOT met'}"
+    return [f"FLUX {size}", scheme, mode, "yes" if regional else "no", " ".join(shapes), cell(cold_s),
+            cell(warm_s), f"{ratio:.1%}", verdict, cell(cold_wall), cell(warm_wall),
+            sum(r["cache_hits"] for r in warm["shapes"]), sum(r["cache_misses"] for r in warm["shapes"]),
+            sum(r["recompiles"] for r in warm["shapes"])]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sizes", default=None,
+                        help="comma-separated FLUX sizes (tiny, small, full); default: tiny,full on CUDA, tiny on CPU")
+    parser.add_argument("--scheme", default="int8wo", help="quantization scheme (default: %(default)s)")
+    parser.add_argument("--mode", default="max-autotune", help="torch.compile mode (default: %(default)s)")
+    parser.add_argument("--regional", choices=("no", "yes", "both"), default="both",
+                        help="whole-model and/or regional compilation (default: %(default)s)")
+    parser.add_argument("--shape", action="append", metavar="SHAPE",
+                        help="input shape (see `quantrt warmup --help`); default: each size's standard shape")
+    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
+                        help="default: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--backend", default="auto", help="backend for every layer (default: %(default)s)")
+    parser.add_argument("--cpu-smoke", action="store_true", help="run on the CPU even if CUDA is available")
+    parser.add_argument("--out-dir", type=Path, help="where the results go (default: benchmarks/results on CUDA, "
+                                                     "a temporary folder for a CPU smoke run)")
+
+
+@dataclass
+class Outputs:
+    markdown: Path
+    csv: Path
+    rows: list[list[object]]
+    failures: list[str] = field(default_factory=list)  # configurations whose warm run missed or recompiled
+
+
+def run(args: argparse.Namespace, prog: str, argv: Sequence[str], echo: Callable[[str], None] = print) -> Outputs:
+    """Measure each configuration `args` asks for and write the markdown table and the CSV."""
+    from .transformer import format_table
+
+    device = pick_device(args.cpu_smoke, echo)
+    run_info = Run.create("compile", device, prog, argv, args.out_dir)
+    sizes = [s.strip() for s in (args.sizes or ("tiny,full" if device.type == "cuda" else "tiny")).split(",")]
+    unknown = [s for s in sizes if s not in FLUX_TOKENS]
+    if unknown:
+        raise ValueError(f"--sizes: {', '.join(unknown)}; choose from {', '.join(FLUX_TOKENS)}")
+    dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    regional = {"no": [False], "yes": [True], "both": [False, True]}[args.regional]
+    rows, failures = [], []
+    for size in sizes:
+        shapes = args.shape or ["x".join(map(str, FLUX_TOKENS[size]))]
+        for region in regional:
+            echo(f"FLUX {size}, {args.scheme}, mode={args.mode}, regional={region}: cold, then warm ...")
+            rows.append(measure(size, args.scheme, args.mode, region, shapes, device, dtype, args.backend))
+            echo(f"  cold {rows[-1][5]} s, warm {rows[-1][6]} s ({rows[-1][7]})")
+            if rows[-1][-2] or rows[-1][-1]:
+                failures.append(f"FLUX {size} regional={region}: {rows[-1][-2]} misses, {rows[-1][-1]} recompiles")
+    table = format_table(HEADERS, rows)
+    lines = run_info.header_lines("quantrt compile cache: cold compile vs warm start") + [
+        "", "Each run is a fresh process: cold = `quantrt warmup` into an empty cache folder, warm = "
+        "`quantrt warmup --check` on the entry it wrote. Compile seconds: the first call of each shape "
+        "(compilation or cache load, plus one forward). Process seconds: the whole command.", "", table]
+    markdown = write_text(run_info.stem.with_suffix(".md"), lines)
+    csv_path = write_csv(run_info.stem.with_suffix(".csv"), HEADERS, rows)
+    echo(table)
+    echo(f"wrote {markdown}, {csv_path}")
+    return Outputs(markdown, csv_path, rows, failures)
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "python benchmarks/bench_compile.py") -> int:
+    return bc.script_main(sys.modules[__name__], argv, prog)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

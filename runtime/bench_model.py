@@ -1,0 +1,466 @@
+"""End-to-end benchmark (`quantrt bench model`, `python benchmarks/bench_transformer.py`): whole models with
+random weights, bf16 against each scheme through quantrt and through torchao's own `quantize_` with the
+torchao config that quantrt maps the scheme onto (`quantrt.backends.torchao.torchao_config`), eager and
+compiled.
+
+Models:
+- flux: diffusers' FluxTransformer2DModel at FLUX.1-dev's dimensions (`quantrt.models.build_flux("full")`,
+  12B parameters) at 1024x1024: 4096 image + 512 text tokens, batch 1.
+- llm: a transformers LlamaForCausalLM at Llama-3-8B's dimensions (`quantrt.models.build_llm("8b")`, built on
+  the meta device with accelerate, then materialized on the GPU) at a decode-like shape: batch 1, 1 token
+  (`--llm-tokens`, `--llm-batch`), no KV cache. Skipped with the reason when transformers is not installed.
+
+Per (model, scheme, provider), on a freshly built model (the same random weights every time; one model in
+GPU memory at a time): eager time per forward (median of `--repeats` after a warmup call, CUDA events), peak
+GPU memory (torch.cuda.max_memory_allocated over those forwards: weights, activations and workspace), weight
+bytes (every parameter and buffer as stored, torchao's and quanto's tensor subclasses by their inner tensors),
+the output's relative L2 error against the bf16 model's eager output; then torch.compile(fullgraph=True,
+mode="max-autotune") (or `--regional`: the repeated blocks only, each with the same arguments; or
+`--compile-mode`), the first call's seconds (compilation and autotuning), and the same time, memory and error
+of the compiled forward. quantrt uses backend="auto" (its Triton kernels for weight-only schemes on CUDA);
+torchao quantizes the same layers (those the scheme can store), without its Inductor settings
+(set_inductor_config=False: quantrt never changes global Inductor settings, and both sides compile alike).
+
+Targets (issue 7): every weight-only scheme, through quantrt, at least as fast as bf16 when both are
+compiled; the best quantrt scheme >= 1.4x bf16 compiled. Without CUDA (or with --cpu-smoke) a reduced run
+checks the benchmark itself: the tiny FLUX and Llama configs, few schemes, a CPU timer, nothing compiled
+unless `--compile` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+from . import bench_common as bc
+from .config import QuantConfig
+from .models import FLUX_SIZES, FLUX_TOKENS, LLM_SIZES, build_flux, build_llm, flux_inputs
+from .schemes import Scheme, resolve_scheme
+from .transformer import QuantizedTransformer, format_table
+
+MODELS = ("flux", "llm")
+SCHEMES = ("int8wo", "int4wo", "uint3wo", "float8wo_e4m3", "float8wo_e5m2", "fp6_e3m2")
+SMOKE_SCHEMES = ("int8wo", "int4wo", "fp6_e3m2")
+PROVIDERS = ("quantrt", "torchao")
+BASELINE = "bf16"
+TARGET_BEST_SPEEDUP = 1.4
+
+
+class ModelSkip(Exception):
+    """A model or provider cannot run here; the message is the reason."""
+
+
+@dataclass
+class ModelCase:
+    """One model of the benchmark: how to build it afresh (same weights each time), its inputs, and how to
+    take the output tensor from what its forward returns."""
+
+    name: str
+    description: str
+    build: Callable[[], nn.Module]
+    make_inputs: Callable[[nn.Module], dict[str, Any]]  # the forward's keyword arguments, from the bf16 model
+    output: Callable[[Any], torch.Tensor]
+    blocks: tuple[str, ...]  # class names of the repeated blocks, for --regional
+
+
+@dataclass
+class Row:
+    model: str
+    scheme: str
+    provider: str
+    detail: str = ""
+    eager_ms: float | None = None
+    compiled_ms: float | None = None
+    eager_speedup: float | None = None
+    compiled_speedup: float | None = None
+    peak_eager_gb: float | None = None
+    peak_compiled_gb: float | None = None
+    weight_gb: float | None = None
+    error_eager: float | None = None
+    error_compiled: float | None = None
+    compile_s: float | None = None
+    note: str = ""
+
+
+CSV_HEADERS = [f.name for f in fields(Row)]
+TABLE_HEADERS = ["model", "scheme", "provider", "backends / config", "eager ms", "compiled ms", "eager speed-up",
+                 "compiled speed-up", "peak GB eager", "peak GB compiled", "weight GB", "rel. err eager",
+                 "rel. err compiled", "compile s", "note"]
+
+
+def _table_row(r: Row) -> list[str]:
+    return [r.model, r.scheme, r.provider, r.detail or "-", bc.cell(r.eager_ms, 4), bc.cell(r.compiled_ms, 4),
+            bc.cell(r.eager_speedup), bc.cell(r.compiled_speedup), bc.cell(r.peak_eager_gb),
+            bc.cell(r.peak_compiled_gb), bc.cell(r.weight_gb), bc.cell(r.error_eager, 2),
+            bc.cell(r.error_compiled, 2), bc.cell(r.compile_s), r.note.replace("|", "/") or "-"]
+
+
+def flux_case(size: str, device: torch.device, dtype: torch.dtype) -> ModelCase:
+    if importlib.util.find_spec("diffusers") is None:
+        raise ModelSkip("diffusers is not installed (pip install \"quantrt[diffusers]\")")
+    config = FLUX_SIZES[size]
+    image, text = FLUX_TOKENS[size]
+    return ModelCase(
+        "flux", f"FluxTransformer2DModel {size} ({config['num_layers']} + {config['num_single_layers']} blocks), "
+                f"{image} image + {text} text tokens, batch 1",
+        lambda: build_flux(size, dtype=dtype, device=device), flux_inputs, lambda out: out[0],
+        ("FluxTransformerBlock", "FluxSingleTransformerBlock"))
+
+
+def llm_case(size: str, tokens: int, batch: int, device: torch.device, dtype: torch.dtype) -> ModelCase:
+    if importlib.util.find_spec("transformers") is None:
+        raise ModelSkip("transformers is not installed (pip install transformers)")
+    config = LLM_SIZES[size]
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, config["vocab_size"], (batch, tokens), generator=generator).to(device)
+    return ModelCase(
+        "llm", f"LlamaForCausalLM {size} ({config['num_hidden_layers']} layers, hidden {config['hidden_size']}), "
+               f"batch {batch} x {tokens} token(s), no KV cache",
+        lambda: build_llm(size, dtype=dtype, device=device), lambda model: {"input_ids": input_ids, "use_cache": False},
+        lambda out: out.logits, ("LlamaDecoderLayer",))
+
+
+def _quantize_quantrt(model: nn.Module, scheme: Scheme, inputs: dict) -> tuple[nn.Module, str]:
+    qt = QuantizedTransformer.from_model(model, QuantConfig(scheme.name, group_size=scheme.group_size),
+                                         progress=False)
+    if scheme.activation == "fp8_static":
+        from .calibrate import calibrate
+
+        calibrate(qt, [inputs])
+    used = Counter(r.backend for r in qt.summary() if r.quantized)
+    kept = sum(not r.quantized for r in qt.summary())
+    detail = ", ".join(f"{b} x{n}" for b, n in used.items()) + (f", {kept} kept bf16" if kept else "")
+    return qt.model, detail
+
+
+def _quantize_torchao(model: nn.Module, scheme: Scheme, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, str]:
+    """torchao's own quantize_ with the config quantrt maps `scheme` onto, on the layers the scheme can store
+    (the layers quantrt quantizes too)."""
+    from .backends import torchao as ao
+
+    try:
+        config = ao.torchao_config(scheme, device, dtype)
+        quantize_ = ao._quantization_module().quantize_
+    except ao.TorchaoCannotServe as e:
+        raise ModelSkip(str(e)) from e
+    names = {name for name, module in model.named_modules()
+             if type(module) is nn.Linear and scheme.unsupported_reason(module.out_features, module.in_features) is None}
+    quantize_(model, config, filter_fn=lambda module, fqn: fqn in names)
+    return model, f"torchao {ao.torchao_version()} {type(config).__name__} x{len(names)}"
+
+
+def _regional_compile(model: nn.Module, block_names: Sequence[str], mode: str) -> int:
+    """Compile, in place, every submodule whose class is one of the repeated blocks; returns how many."""
+    blocks = [m for m in model.modules() if type(m).__name__ in block_names]
+    if not blocks:
+        raise RuntimeError(f"--regional: {type(model).__name__} has no {' / '.join(block_names)} blocks")
+    for block in blocks:
+        block.compile(fullgraph=True, mode=mode)
+    return len(blocks)
+
+
+def _peak_gb(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+@torch.no_grad()
+def measure(row: Row, case: ModelCase, model: nn.Module, inputs: dict[str, Any], device: torch.device,
+            reference: torch.Tensor | None, repeats: int, compile_mode: str | None, regional: bool) -> torch.Tensor:
+    """Fill `row` with eager (and, where `compile_mode` is set, compiled) numbers; returns the eager output."""
+    row.weight_gb = bc.stored_bytes(model) / 1e9
+
+    def forward(module: nn.Module) -> torch.Tensor:
+        return case.output(module(**inputs))
+
+    _reset_peak(device)
+    eager_out = forward(model).clone()
+    row.eager_ms = bc.median_ms(lambda: forward(model), device, warmup=0, repeats=repeats)
+    row.peak_eager_gb = _peak_gb(device)
+    if reference is not None:
+        row.error_eager = bc.relative_error(eager_out, reference)
+    if compile_mode is None:
+        return eager_out
+    torch._dynamo.reset()  # each model compiles afresh, never against another model's guards
+    if regional:
+        _regional_compile(model, case.blocks, compile_mode)
+        compiled = model
+    else:
+        compiled = torch.compile(model, fullgraph=True, mode=compile_mode)
+
+    def compiled_forward() -> torch.Tensor:
+        torch.compiler.cudagraph_mark_step_begin()  # max-autotune replays CUDA graphs: one step per call
+        return forward(compiled)
+
+    start = time.perf_counter()
+    compiled_out = compiled_forward().clone()
+    bc.synchronize(device)
+    row.compile_s = time.perf_counter() - start
+    _reset_peak(device)
+    row.compiled_ms = bc.median_ms(compiled_forward, device, warmup=1, repeats=repeats)
+    row.peak_compiled_gb = _peak_gb(device)
+    row.error_compiled = bc.relative_error(compiled_out, reference if reference is not None else eager_out)
+    return eager_out
+
+
+def _release(device: torch.device) -> None:
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_case(case: ModelCase, schemes: Sequence[str], providers: Sequence[str], device: torch.device,
+             dtype: torch.dtype, repeats: int, compile_mode: str | None, regional: bool,
+             echo: Callable[[str], None] = print, on_row: Callable[[Row], None] = lambda row: None) -> list[Row]:
+    """bf16 first (its eager output is the reference), then each (scheme, provider) on a fresh model.
+    `on_row` sees each row as soon as it is final."""
+    echo(f"{case.name}: {case.description}")
+    base = Row(case.name, BASELINE, "torch", detail=f"{str(dtype).removeprefix('torch.')}, unquantized")
+    model = None
+    try:
+        model = case.build()
+        inputs = case.make_inputs(model)
+        reference = measure(base, case, model, inputs, device, None, repeats, compile_mode, regional)
+    except Exception as e:  # without the bf16 reference there is nothing to compare with: next model
+        base.note = f"FAILED: {type(e).__name__}: {e}"[:300]
+        echo(f"  {BASELINE}: {base.note}")
+        on_row(base)
+        return [base]
+    finally:
+        del model
+        _release(device)
+    base.eager_speedup = 1.0
+    base.compiled_speedup = 1.0 if base.compiled_ms else None
+    on_row(base)
+    echo(f"  {BASELINE:14} {'torch':8} eager {base.eager_ms:.2f} ms"
+         + (f", compiled {base.compiled_ms:.2f} ms" if base.compiled_ms else ""))
+    rows = [base]
+    for name in schemes:
+        scheme = resolve_scheme(name)
+        for provider in providers:
+            row = Row(case.name, scheme.name, provider)
+            model = None
+            try:
+                model = case.build()
+                if provider == "quantrt":
+                    model, row.detail = _quantize_quantrt(model, scheme, inputs)
+                else:
+                    model, row.detail = _quantize_torchao(model, scheme, device, dtype)
+                measure(row, case, model, inputs, device, reference, repeats, compile_mode, regional)
+                row.eager_speedup = base.eager_ms / row.eager_ms
+                if row.compiled_ms and base.compiled_ms:
+                    row.compiled_speedup = base.compiled_ms / row.compiled_ms
+            except ModelSkip as e:
+                row.note = f"skipped: {e}"
+            except Exception as e:  # one failing (scheme, provider) is reported, the run goes on
+                row.note = f"FAILED: {type(e).__name__}: {e}"[:300]
+            finally:
+                del model
+                _release(device)
+            rows.append(row)
+            on_row(row)
+            timing = (f"eager {row.eager_ms:.2f} ms" + (f", compiled {row.compiled_ms:.2f} ms" if row.compiled_ms else "")
+                      if row.eager_ms else row.note)
+            echo(f"  {scheme.name:14} {provider:8} {timing}")
+    return rows
+
+
+@dataclass
+class TargetResult:
+    target: str
+    status: str
+    detail: str
+
+
+def check_targets(rows: Sequence[Row]) -> list[TargetResult]:
+    """Per model: every weight-only scheme through quantrt >= bf16 compiled speed; the best quantrt scheme
+    >= 1.4x bf16 compiled."""
+    results = []
+    for model in dict.fromkeys(r.model for r in rows):
+        ours = [r for r in rows if r.model == model and r.provider == "quantrt"]
+        timed = [r for r in ours if r.compiled_speedup is not None]
+        weight_only = [r for r in timed if resolve_scheme(r.scheme).weight_only]
+        text = f"{model}: every weight-only scheme (quantrt) >= bf16, compiled"
+        if not weight_only:
+            results.append(TargetResult(text, "not measured", "no compiled quantrt weight-only rows"))
+        else:
+            slow = min(weight_only, key=lambda r: r.compiled_speedup)
+            below = [r.scheme for r in weight_only if r.compiled_speedup < 1.0]
+            untimed = [r.scheme for r in ours if r.compiled_speedup is None and resolve_scheme(r.scheme).weight_only]
+            detail = f"slowest {slow.scheme} {slow.compiled_speedup:.2f}x"
+            detail += f"; below bf16: {', '.join(below)}" if below else ""
+            detail += f"; not timed: {', '.join(untimed)}" if untimed else ""
+            results.append(TargetResult(text, "NOT met" if below else "met", detail))
+        text = f"{model}: best quantrt scheme >= {TARGET_BEST_SPEEDUP}x bf16, compiled"
+        if not timed:
+            results.append(TargetResult(text, "not measured", "no compiled quantrt rows"))
+        else:
+            best = max(timed, key=lambda r: r.compiled_speedup)
+            results.append(TargetResult(text, "met" if best.compiled_speedup >= TARGET_BEST_SPEEDUP else "NOT met",
+                                        f"best {best.scheme} {best.compiled_speedup:.2f}x"))
+    return results
+
+
+def plot_speedups(rows: Sequence[Row], path: Path, title: str) -> Path | None:
+    """Bars of the speed-up over bf16 per scheme and provider (compiled where measured, else eager), one
+    panel per model. None when matplotlib is missing."""
+    plt = bc.pyplot()
+    if plt is None:
+        return None
+    models = list(dict.fromkeys(r.model for r in rows))
+    figure, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 4), squeeze=False)
+    for axis, model in zip(axes.flat, models):
+        schemes = list(dict.fromkeys(r.scheme for r in rows if r.model == model and r.provider != "torch"))
+        width = 0.8 / len(PROVIDERS)
+        compiled = any(r.compiled_speedup is not None for r in rows if r.model == model)
+        for i, provider in enumerate(PROVIDERS):
+            values = []
+            for scheme in schemes:
+                match = [r for r in rows if r.model == model and r.scheme == scheme and r.provider == provider]
+                value = (match[0].compiled_speedup if compiled else match[0].eager_speedup) if match else None
+                values.append(value or 0.0)
+            axis.bar([j + i * width for j in range(len(schemes))], values, width, label=provider)
+        axis.axhline(1.0, color="gray", linestyle="--", linewidth=1)
+        axis.set_xticks([j + 0.4 - width / 2 for j in range(len(schemes))], schemes, rotation=30, ha="right")
+        axis.set_ylabel(f"speed-up vs bf16 ({'compiled' if compiled else 'eager'})")
+        axis.set_title(model)
+        axis.legend(fontsize=8)
+    figure.suptitle(title)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated: flux, llm (default: both)")
+    parser.add_argument("--schemes", help=f"comma-separated schemes (default: {','.join(SCHEMES)}; CPU smoke: "
+                                          f"{','.join(SMOKE_SCHEMES)})")
+    parser.add_argument("--providers", default=",".join(PROVIDERS),
+                        help="comma-separated: quantrt, torchao (default: both)")
+    parser.add_argument("--flux-size", choices=tuple(FLUX_SIZES), help="default: full (CPU smoke: tiny)")
+    parser.add_argument("--llm-size", choices=tuple(LLM_SIZES), help="default: 8b (CPU smoke: tiny)")
+    parser.add_argument("--llm-tokens", type=int, default=1, help="tokens per sequence (default: %(default)s)")
+    parser.add_argument("--llm-batch", type=int, default=1, help="sequences (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, help="timed forwards per point, median (default: 10; CPU smoke: 1)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="time the compiled model too (default: yes on CUDA, no in the CPU smoke run)")
+    parser.add_argument("--compile-mode", default="max-autotune",
+                        help="torch.compile mode (default: %(default)s); fullgraph=True always")
+    parser.add_argument("--regional", action="store_true",
+                        help="compile only the repeated blocks (FLUX's transformer blocks, Llama's decoder layers), "
+                             "each with fullgraph=True and the same mode: minutes less compilation")
+    parser.add_argument("--cpu-smoke", action="store_true",
+                        help="reduced CPU run that checks the benchmark works (automatic without CUDA)")
+    parser.add_argument("--out-dir", type=Path, help="results folder (default: benchmarks/results; a temporary "
+                                                     "folder for a CPU smoke run)")
+    parser.add_argument("--tuning-file", type=Path,
+                        help="quantrt's tuning table to read and fill (default: a fresh temporary one)")
+
+
+@dataclass
+class Outputs:
+    markdown: Path
+    csv: Path
+    plot: Path | None
+    rows: list[Row]
+    targets: list[TargetResult]
+
+    @property
+    def failures(self) -> list[Row]:
+        """Points that failed to build or run (a provider that cannot serve is skipped, not failed)."""
+        return [r for r in self.rows if r.note.startswith("FAILED")]
+
+
+def _names(text: str, allowed: Sequence[str], what: str) -> list[str]:
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [n for n in names if n not in allowed]
+    if unknown or not names:
+        raise ValueError(f"--{what}: {', '.join(unknown) or 'nothing given'}; choose from {', '.join(allowed)}")
+    return names
+
+
+def run(args: argparse.Namespace, prog: str, argv: Sequence[str], echo: Callable[[str], None] = print) -> Outputs:
+    """Run the model benchmark as `args` say and write its markdown, CSV and PNG."""
+    device = bc.pick_device(args.cpu_smoke, echo)
+    smoke = device.type != "cuda"
+    models = _names(args.models, MODELS, "models")  # bad arguments fail before anything is written
+    providers = _names(args.providers, PROVIDERS, "providers")
+    schemes = [resolve_scheme(s).name for s in (args.schemes.split(",") if args.schemes else
+                                                 SMOKE_SCHEMES if smoke else SCHEMES) if s.strip()]
+    if args.llm_tokens < 1 or args.llm_batch < 1:
+        raise ValueError("--llm-tokens and --llm-batch must be at least 1")
+    run_info = bc.Run.create("model", device, prog, argv, args.out_dir)
+    dtype = torch.bfloat16
+    repeats = args.repeats or (1 if smoke else 10)
+    compile_mode = args.compile_mode if (args.compile if args.compile is not None else not smoke) else None
+    flux_size = args.flux_size or ("tiny" if smoke else "full")
+    llm_size = args.llm_size or ("tiny" if smoke else "8b")
+    rows: list[Row] = []
+    descriptions = []
+    stem = run_info.stem
+    with (bc.smoke_threads(smoke), bc.private_tuning_table(device, args.tuning_file) as tuning,
+          bc.CsvLog(stem.with_suffix(".csv"), CSV_HEADERS) as csv_log):
+        echo(f"writing {csv_log.path} as models are measured")
+        for name in models:
+            try:
+                case = (flux_case(flux_size, device, dtype) if name == "flux" else
+                        llm_case(llm_size, args.llm_tokens, args.llm_batch, device, dtype))
+            except ModelSkip as e:
+                echo(f"{name}: skipped: {e}")
+                descriptions.append(f"- {name}: skipped: {e}")
+                rows.append(Row(name, BASELINE, "torch", note=f"skipped: {e}"))
+                csv_log.write(rows[-1])
+                continue
+            descriptions.append(f"- {name}: {case.description}")
+            rows += run_case(case, schemes, providers, device, dtype, repeats, compile_mode, args.regional, echo,
+                             csv_log.write)
+    targets = check_targets(rows)
+    where = bc.describe_device(device).split(",")[0]
+    plot = plot_speedups(rows, stem.with_suffix(".png"), f"quantrt end to end on {where}: speed-up over bf16")
+    compiled = ("not compiled" if compile_mode is None else
+                f"torch.compile(fullgraph=True, mode={compile_mode!r})" + (", regional (repeated blocks)"
+                                                                           if args.regional else ""))
+    lines = run_info.header_lines(f"End-to-end transformer benchmark on {where}")
+    lines += ["- models, bf16, random weights:", *(f"  {d}" for d in descriptions),
+              f"- schemes: {', '.join(schemes)}; providers: {', '.join(providers)}; {compiled}; median of "
+              f"{repeats} forward(s) after a warmup call" + (" (CUDA events)" if device.type == "cuda" else ""),
+              "- quantrt tuning table: " + (f"{tuning} (filled on each model's first forward)" if tuning else
+                                           "none (nothing is tuned off CUDA)"),
+              "- rel. err = ||y - y_bf16|| / ||y_bf16|| against the bf16 model's eager output; peak GB = "
+              "torch.cuda.max_memory_allocated over the timed forwards (weights included); weight GB = every "
+              "parameter and buffer as stored",
+              "", "## Targets", "",
+              format_table(["target", "status", "detail"], [[t.target, t.status, t.detail] for t in targets]),
+              "", "## Results", "",
+              format_table(TABLE_HEADERS, [_table_row(r) for r in rows]),
+              "", f"Plot: `{plot.name}`" if plot else f"Plot: none, {bc.PLOT_MISSING}"]
+    markdown = bc.write_text(stem.with_suffix(".md"), lines)
+    csv_path = csv_log.path
+    echo("\n" + format_table(TABLE_HEADERS, [_table_row(r) for r in rows]))
+    echo("\n" + format_table(["target", "status", "detail"], [[t.target, t.status, t.detail] for t in targets]))
+    if plot is None:
+        echo(bc.PLOT_MISSING)
+    echo(f"wrote {markdown}, {csv_path}" + (f", {plot}" if plot else ""))
+    return Outputs(markdown, csv_path, plot, rows, targets)
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "python benchmarks/bench_transformer.py") -> int:
+    return bc.script_main(sys.modules[__name__], argv, prog)

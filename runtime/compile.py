@@ -1,0 +1,430 @@
+"""Compile-first serving: `torch.compile(fullgraph=True, mode="max-autotune")`, one static graph per shape
+bucket, graphs persisted in the cache entry of the model's fingerprint (runtime/cache.py), and warmup.
+
+What quantrt sets, openly and only while one of its own compilations runs (a call with a shape it has not
+compiled yet in this process): `TORCHINDUCTOR_CACHE_DIR` (and `TRITON_CACHE_DIR` when the user has not set
+it) point into the entry's working folder, so the compiled kernels land in the entry; Dynamo's
+`recompile_limit` is raised to the number of buckets this model compiles, so that more buckets than the
+default limit (8) never drop the model to eager. Both are restored when the call returns. Every other Inductor
+and Dynamo setting is the user's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import json
+import os
+import threading
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from .cache import CacheEntry, CacheWarning, Timeout, device_name
+
+
+class RecompileError(RuntimeError):
+    """A shape that was not warmed reached a model compiled with strict=True."""
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """How `QuantizedTransformer.compile` compiles. `shapes`: "exact" gives every distinct input shape its own
+    static graph (right for any model); "pad" pads the row dimensions of tensor inputs up to a bucket (dim 0,
+    and dim -2 of inputs with 3 or more dims; buckets 1, 2, 4, ..., 4096, then multiples of 1024) and slices
+    the outputs back, which is only right for models whose rows do not interact (MLP stacks, Linear-only
+    models), never for attention over the padded dimension."""
+
+    mode: str | None = "max-autotune"
+    fullgraph: bool = True
+    regional: bool = False
+    shapes: str = "exact"
+    strict: bool = False
+    options: dict[str, Any] | None = None  # Inductor options, instead of `mode`
+
+    def __post_init__(self):
+        if self.shapes not in ("exact", "pad"):
+            raise ValueError(f"shapes={self.shapes!r}: choose 'exact' (one graph per distinct input shape) or 'pad' "
+                             f"(row-wise models only: rows padded up to a bucket)")
+        if self.mode is not None and self.options:
+            raise ValueError("give either mode= or options= (torch.compile accepts one of them), not both")
+
+    def fingerprint_fields(self) -> dict[str, Any]:
+        # strict changes no graph: entries are shared between strict and lenient processes
+        return {k: v for k, v in asdict(self).items() if k != "strict"}
+
+
+def bucket(n: int) -> int:
+    """The padded size of a row dimension: the next power of two up to 4096, then the next multiple of 1024."""
+    from quantrt.kernels.tuning import m_bucket
+
+    return max(n, m_bucket(n)) if n > 0 else 0
+
+
+def _describe(value: Any) -> Any:
+    """What a compiled graph depends on in one input: a tensor's shape, dtype and device; a Python scalar's
+    value (Dynamo specializes on it); the same for containers, recursively."""
+    if isinstance(value, torch.Tensor):
+        return ["tensor", list(value.shape), str(value.dtype).removeprefix("torch."), value.device.type]
+    if isinstance(value, (list, tuple)):
+        return [type(value).__name__, [_describe(v) for v in value]]
+    if isinstance(value, dict):
+        return ["dict", {str(k): _describe(v) for k, v in value.items()}]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return type(value).__qualname__
+
+
+def signature(args: tuple, kwargs: dict) -> str:
+    """A stable key of the input shapes (the same across processes)."""
+    return json.dumps([_describe(list(args)), _describe(dict(sorted(kwargs.items())))], separators=(",", ":"))
+
+
+def shape_label(args: tuple, kwargs: dict) -> str:
+    """A short human-readable form of the tensor shapes: `hidden_states=1x64x32 txt_ids=16x3`."""
+    parts = [f"{i}={'x'.join(map(str, a.shape))}" for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+    parts += [f"{k}={'x'.join(map(str, v.shape))}" for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+    return " ".join(parts) or "(no tensors)"
+
+
+def _pad_rows(t: torch.Tensor, dims: list[tuple[int, int, int]]) -> torch.Tensor:
+    for dim, size, padded in dims:
+        if padded != size:
+            shape = list(t.shape)
+            shape[dim] = padded - size
+            t = torch.cat([t, t.new_zeros(shape)], dim=dim)
+    return t
+
+
+def pad_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict, dict[int, int]]:
+    """Pad the row dimensions of every floating tensor input (see CompileOptions); returns the padded inputs
+    and {padded size: original size} to slice the outputs with."""
+    sizes: dict[int, int] = {}
+
+    def pad(value):
+        if not (isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() >= 2):
+            return value
+        dims = [0] + ([value.dim() - 2] if value.dim() >= 3 else [])
+        plan = [(d, value.shape[d], bucket(value.shape[d])) for d in dims]
+        for _, size, padded in plan:
+            if sizes.setdefault(padded, size) != size:
+                raise ValueError(f"shapes='pad': two inputs have row sizes {sizes[padded]} and {size} that pad to "
+                                 f"the same bucket {padded}; compile with shapes='exact'")
+        return _pad_rows(value, plan)
+
+    return tuple(pad(a) for a in args), {k: pad(v) for k, v in kwargs.items()}, sizes
+
+
+def unpad_outputs(output: Any, sizes: dict[int, int]) -> Any:
+    if isinstance(output, torch.Tensor):
+        if output.dim() >= 1 and output.shape[0] in sizes:
+            output = output[: sizes[output.shape[0]]]
+        if output.dim() >= 3 and output.shape[-2] in sizes:
+            output = output[..., : sizes[output.shape[-2]], :]
+        return output
+    if isinstance(output, (list, tuple)) and not hasattr(output, "_fields"):
+        return type(output)(unpad_outputs(o, sizes) for o in output)
+    if isinstance(output, dict):
+        for key in list(output.keys()):
+            output[key] = unpad_outputs(output[key], sizes)
+        return output
+    return output
+
+
+def repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    """The blocks regional compilation compiles: modules whose class is named in the model's
+    `_repeated_blocks` (diffusers), else the members of every ModuleList of 2 or more modules of one class
+    (transformers' decoder layers, say)."""
+    names = set(getattr(model, "_repeated_blocks", None) or ())
+    if names:
+        return [m for m in model.modules() if type(m).__name__ in names]
+    blocks = []
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) >= 2 and len({type(m) for m in module}) == 1:
+            if not any(isinstance(b, nn.Linear) or any(b is p for p in blocks) for b in module):
+                blocks.extend(module)
+    return blocks
+
+
+def structure_hash(model: nn.Module) -> str:
+    """A hash of what the compiled graphs depend on: module classes, every parameter and buffer's name, shape
+    and dtype, each quantized layer's scheme and backend, and the model's own config. Not the weights."""
+    from .modules import QuantizedLinear
+
+    digest = hashlib.sha256()
+    for name, module in model.named_modules():
+        digest.update(f"{name}:{type(module).__module__}.{type(module).__qualname__}\n".encode())
+        if isinstance(module, QuantizedLinear):
+            digest.update(f"{module.scheme.name}/{module.scheme.group_size}/{module.backend.name}\n".encode())
+        for key, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            if t is not None:
+                digest.update(f"{key}:{tuple(t.shape)}:{t.dtype}:{t.device.type}\n".encode())
+    config = getattr(model, "config", None)
+    if config is not None:
+        as_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        digest.update(json.dumps(as_dict, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def fingerprint_fields(model: nn.Module, options: CompileOptions) -> dict[str, Any]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import platform
+
+    import triton
+
+    from . import __version__
+
+    first = next(iter(list(model.parameters()) + list(model.buffers())), None)
+    device = first.device if first is not None else torch.device("cpu")
+    try:
+        quantrt_version = version("quantrt")
+    except PackageNotFoundError:
+        quantrt_version = __version__
+    return {"model": structure_hash(model), "quantrt": quantrt_version, "torch": torch.__version__,
+            "triton": triton.__version__, "python": platform.python_version(), "device": device_name(device),
+            "compile": options.fingerprint_fields()}
+
+
+def _counters() -> dict[str, int]:
+    from torch._dynamo.utils import counters
+
+    return {"graphs": counters["stats"]["unique_graphs"], "hits": counters["inductor"]["fxgraph_cache_hit"],
+            "misses": counters["inductor"]["fxgraph_cache_miss"]}
+
+
+@contextlib.contextmanager
+def _compile_env(inductor_dir: str | None, recompile_limit: int):
+    """The settings a compilation of ours needs (see the module docstring), restored afterwards."""
+    saved = {k: os.environ.get(k) for k in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+    if inductor_dir is not None:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_dir
+        if saved["TRITON_CACHE_DIR"] is None:
+            os.environ["TRITON_CACHE_DIR"] = os.path.join(inductor_dir, "triton")
+    limit = max(torch._dynamo.config.recompile_limit, recompile_limit)
+    try:
+        with torch._dynamo.config.patch(recompile_limit=limit,
+                                        accumulated_recompile_limit=max(limit,
+                                                                        torch._dynamo.config.accumulated_recompile_limit)):
+            yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@dataclass
+class ShapeReport:
+    """One shape bucket of a warmup or a check."""
+
+    shape: str
+    seconds: float  # the first call in this process: compile (cold, or warm from the cache) + one run
+    cold_seconds: float | None  # the compile time when the entry first compiled this shape
+    cache_hits: int
+    cache_misses: int
+    recompiles: int  # graphs compiled again for a shape already compiled in this process: must be 0
+    kernel_picks: int  # quantrt kernel tuning picks made (Triton backend on a GPU), 0 when all were cached
+    status: str  # "cold" (compiled), "warm" (from the cache entry), or "already compiled"
+
+
+class WarmupReport(list):
+    """ShapeReports that print as a table."""
+
+    entry: CacheEntry | None = None
+
+    def __str__(self) -> str:
+        from .transformer import format_table
+
+        rows = [[r.shape, r.status, f"{r.seconds:.2f}",
+                 "-" if r.cold_seconds is None else f"{r.cold_seconds:.2f}", r.cache_hits, r.cache_misses,
+                 r.recompiles, r.kernel_picks] for r in self]
+        table = format_table(["shape", "status", "seconds", "cold seconds", "cache hits", "cache misses",
+                              "recompiles", "kernel picks"], rows)
+        where = f"\ncache entry: {self.entry.path}" if self.entry is not None else ""
+        return table + where
+
+
+class CompiledForward:
+    """The compiled forward of one model: one static graph per shape bucket, persisted in a cache entry."""
+
+    def __init__(self, model: nn.Module, options: CompileOptions, cache: bool = True,
+                 cache_dir: str | os.PathLike | None = None, extra: dict[str, Any] | None = None):
+        self.model = model
+        self.extra = extra or {}  # recorded in the entry's manifest (the autoquant plan)
+        self.options = options
+        self.entry: CacheEntry | None = None
+        self.compiled_signatures: set[str] = set()  # compiled in this process
+        self.warm_signatures: dict[str, dict[str, Any]] = {}  # in the cache entry (loaded or written)
+        self.warmed = False  # strict mode raises on new shapes once this is set
+        self._mutex = threading.RLock()
+        kwargs = dict(fullgraph=options.fullgraph, dynamic=False)
+        if "isolate_recompiles" in inspect.signature(torch.compile).parameters:
+            # torch >= 2.13: this model's graphs are its own; another model of the same classes neither reuses
+            # them nor counts against their recompile limit
+            kwargs["isolate_recompiles"] = True
+        kwargs.update({"mode": options.mode} if options.options is None else {"options": options.options})
+        if options.regional:
+            blocks = repeated_blocks(model)
+            if not blocks:
+                raise ValueError(f"regional compilation: {type(model).__name__} has no `_repeated_blocks` and no "
+                                 f"ModuleList of repeated blocks; compile the whole model (regional=False)")
+            for block in blocks:
+                block.compile(**kwargs)
+            self.fn: Callable = model
+        else:
+            self.fn = torch.compile(model, **kwargs)
+        if cache:
+            self.entry = CacheEntry(fingerprint_fields(model, options), root=cache_dir)
+            self._load_entry()
+
+    def _load_entry(self) -> None:
+        try:
+            manifest = self.entry.load()
+        except Timeout:
+            warnings.warn(f"quantrt cache: the lock of {self.entry.path} is held by another process; compiling "
+                          f"without the cache", CacheWarning, stacklevel=3)
+            return
+        if manifest is None:
+            return
+        with _compile_env(str(self.entry.inductor_dir), 0):
+            for artifact in self.entry.artifact_files():
+                try:
+                    torch.compiler.load_cache_artifacts(artifact.read_bytes())
+                except Exception as e:  # noqa: BLE001 (Inductor's loader raises many kinds; the folder still serves)
+                    warnings.warn(f"quantrt cache: {artifact.name} of {self.entry.path} was not loaded ({e})",
+                                  CacheWarning, stacklevel=3)
+        tuning = self.entry.work_dir / "tuning.json"
+        if tuning.is_file():
+            from quantrt.kernels.tuning import default_table
+
+            picks = json.loads(tuning.read_text())
+            if picks:
+                default_table().update(picks)
+        self.warm_signatures = dict(manifest.shapes)
+        self.warmed = bool(manifest.shapes)
+
+    def __call__(self, *args, **kwargs):
+        sizes = None
+        if self.options.shapes == "pad":
+            args, kwargs, sizes = pad_inputs(args, kwargs)
+        key = signature(args, kwargs)
+        if key in self.compiled_signatures:
+            output = self.fn(*args, **kwargs)
+        else:
+            output = self._first_call(key, args, kwargs)[0]
+        return unpad_outputs(output, sizes) if sizes else output
+
+    def _first_call(self, key: str, args: tuple, kwargs: dict) -> tuple[Any, dict[str, int], float]:
+        """Compile (or load from the cache) and run the graph of a shape this process has not compiled."""
+        with self._mutex:
+            if key in self.compiled_signatures:
+                return self.fn(*args, **kwargs), {"graphs": 0, "hits": 0, "misses": 0}, 0.0
+            if self.options.strict and self.warmed and key not in self.warm_signatures:
+                warmed = "; ".join(v["shape"] for v in self.warm_signatures.values()) or "none"
+                raise RecompileError(f"strict mode: inputs {shape_label(args, kwargs)} were not warmed, so serving "
+                                     f"them would compile a new graph. Warmed shapes: {warmed}. Add them to "
+                                     f"qt.warmup([...]) (or `quantrt warmup --shape`), or compile with "
+                                     f"strict=False")
+            before = _counters()
+            inductor_dir = str(self.entry.inductor_dir) if self.entry is not None else None
+            start = time.perf_counter()
+            with _compile_env(inductor_dir, 8 + 2 * (len(self.compiled_signatures) + 1)):
+                output = self.fn(*args, **kwargs)
+            seconds = time.perf_counter() - start
+            delta = {k: v - before[k] for k, v in _counters().items()}
+            if delta["graphs"] == 0:
+                message = (f"torch.compile compiled no graph for inputs {shape_label(args, kwargs)}: the model ran "
+                           f"eagerly (Dynamo's recompile limit, or compilation disabled). Check "
+                           f"TORCH_LOGS=recompiles")
+                if self.options.strict:
+                    raise RecompileError(message)
+                warnings.warn(message, RuntimeWarning, stacklevel=3)
+            self.compiled_signatures.add(key)
+            return output, delta, seconds
+
+    def warmup(self, examples: Iterable[Any], progress: bool | None = None) -> WarmupReport:
+        """Compile every example's shape bucket (each example: a dict of keyword arguments, a tuple of
+        positional ones, or one tensor), then write the cache entry. Returns a per-shape report."""
+        from quantrt.kernels.tuning import default_table
+
+        examples = list(examples)
+        if not examples:
+            raise ValueError("warmup needs at least one example input (a dict of keyword arguments, a tuple of "
+                             "positional arguments, or a tensor)")
+        report = WarmupReport()
+        picks_before = default_table().entries()
+        new_shapes: dict[str, dict[str, Any]] = {}
+        bar = tqdm(examples, desc="warming up", unit="shape",
+                   disable=(not progress) if progress is not None else None)
+        with torch.no_grad():
+            for example in bar:
+                args, kwargs = as_call(example)
+                if self.options.shapes == "pad":
+                    args, kwargs, _ = pad_inputs(args, kwargs)
+                key, label = signature(args, kwargs), shape_label(args, kwargs)
+                bar.set_postfix_str(label[:60])
+                known = self.warm_signatures.get(key)
+                picks = len(default_table().entries())
+                already = key in self.compiled_signatures
+                _, delta, seconds = self._first_call(key, args, kwargs)
+                recompiles = self._recompiles(args, kwargs)
+                status = "already compiled" if already else ("warm" if known else "cold")
+                cold = known["cold_s"] if known else (seconds if not already else None)
+                report.append(ShapeReport(label, seconds, cold, delta["hits"], delta["misses"], recompiles,
+                                          len(default_table().entries()) - picks, status))
+                if not already:
+                    new_shapes[key] = {"shape": label, "cold_s": cold, "last_s": seconds}
+        self.warmed = True
+        self.warm_signatures.update(new_shapes)
+        if self.entry is not None and (new_shapes or self.entry.status != "loaded"):
+            self._commit(new_shapes, picks_before)
+        report.entry = self.entry
+        return report
+
+    def _recompiles(self, args: tuple, kwargs: dict) -> int:
+        """Run a just-compiled shape again: graphs compiled by this second call are recompiles."""
+        before = _counters()["graphs"]
+        with _compile_env(str(self.entry.inductor_dir) if self.entry is not None else None, 0):
+            self.fn(*args, **kwargs)
+        return _counters()["graphs"] - before
+
+    def _commit(self, shapes: dict[str, dict[str, Any]], picks_before: dict[str, dict]) -> None:
+        from quantrt.kernels.tuning import default_table
+
+        artifacts = torch.compiler.save_cache_artifacts()
+        device = self.entry.fields["device"]
+        # the tuning picks of this device; the key starts with the GPU's name (kernels/tuning.make_key)
+        picks = {k: v for k, v in default_table().entries().items() if k.startswith(device.split(" (")[0])}
+        try:
+            self.entry.commit(shapes, artifacts[0] if artifacts else None, picks, self.extra)
+        except Timeout:
+            warnings.warn(f"quantrt cache: the lock of {self.entry.path} is held by another process; this "
+                          f"warmup's graphs were not saved", CacheWarning, stacklevel=3)
+        except OSError as e:
+            warnings.warn(f"quantrt cache: {self.entry.path} could not be written ({e}); the graphs compiled "
+                          f"in this process are not saved", CacheWarning, stacklevel=3)
+
+
+def as_call(example: Any) -> tuple[tuple, dict]:
+    """An example input as (args, kwargs): a dict is keyword arguments, a tuple or list positional ones, a
+    tensor the only argument."""
+    if isinstance(example, dict):
+        return (), dict(example)
+    if isinstance(example, (tuple, list)):
+        return tuple(example), {}
+    if isinstance(example, torch.Tensor):
+        return (example,), {}
+    raise TypeError(f"an example input must be a dict of keyword arguments, a tuple of positional arguments or a "
+                    f"tensor, not {type(example).__name__}")
+
+
+__all__ = ["CompileOptions", "CompiledForward", "RecompileError", "ShapeReport", "WarmupReport", "as_call",
+           "bucket", "repeated_blocks", "signature"]
