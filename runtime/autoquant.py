@@ -62,7 +62,8 @@ from .backends import ORDER, _reason, requested_backend
 from .calibrate import calibrate, call_with
 from .config import QuantConfig
 from .kernels.quantize import FP8_DTYPES
-from .modules import LayerReport, QuantizedLinear
+from .metrics import relative_error
+from .modules import LayerReport, QuantizedLinear, init_act_scale
 from .schemes import Scheme, resolve_scheme
 
 if TYPE_CHECKING:
@@ -369,12 +370,6 @@ def current_versions() -> dict[str, str | None]:
     return versions
 
 
-def relative_l2(output: torch.Tensor, reference: torch.Tensor) -> float:
-    """||output - reference||_2 / ||reference||_2 in float64 (0 when both are zero)."""
-    output, reference = output.detach().double(), reference.detach().double()
-    return float((output - reference).norm() / reference.norm().clamp_min(1e-300))
-
-
 @dataclass
 class Captured:
     """A layer's inputs seen on the example inputs: up to max_rows rows [rows, K], rows per call -> count,
@@ -536,8 +531,7 @@ def _layer_from(name: str, linear: nn.Linear, scheme: Scheme, stored: dict[str, 
                             dtype=linear.weight.dtype, device="meta", backend=backend, name=name)
     for key, tensor in stored.items():
         setattr(layer, key, tensor)
-    if "act_scale" in layer.tensors():  # set by the caller, as quantrt.calibrate would
-        layer.act_scale = torch.full((1, 1), float("nan"), dtype=torch.float32, device=linear.weight.device)
+    init_act_scale(layer, None, linear.weight.device)  # NaN here: the caller sets it, as quantrt.calibrate would
     if linear.bias is not None:
         layer.bias = linear.bias.detach()
     backend.prepare(layer)
@@ -551,7 +545,7 @@ def _measure_trial(trial: Trial, name: str, linear: nn.Linear, scheme: Scheme, s
         if "act_scale" in quantized.tensors():  # what quantrt.calibrate sets after quantizing
             quantized.act_scale.fill_(max(seen.amax, 1e-12) / torch.finfo(FP8_DTYPES["e4m3"]).max)
             quantized.calibrated = True
-        error = relative_l2(quantized(seen.rows), reference)
+        error = relative_error(quantized(seen.rows), reference)
     except Exception as e:  # a backend that fails on this layer is a candidate that cannot run, not a crash
         trial.skipped = f"failed: {type(e).__name__}: {e}"
         return

@@ -15,7 +15,6 @@ import contextlib
 import csv
 import datetime
 import importlib.metadata
-import logging
 import math
 import os
 import platform
@@ -26,10 +25,12 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Generic, Sequence, TypeVar
 
 import torch
 import torch.nn as nn
+
+from .cli import quiet_library_logs
 
 DISTRIBUTIONS = ("quantrt", "torch", "triton", "torchao", "optimum-quanto", "gemlite", "diffusers", "transformers",
                  "accelerate", "matplotlib")
@@ -55,14 +56,6 @@ def device_label(device: torch.device) -> str:
     if device.type == "cuda":
         return re.sub(r"[^A-Za-z0-9.]+", "_", torch.cuda.get_device_name(device)).strip("_")
     return device.type
-
-
-def quiet_library_logs() -> None:
-    """torchao and diffusers log warnings at import and model building that say nothing about a benchmark
-    (what the CLI's `_quiet_imports` does, for the scripts)."""
-    for name in ("torchao", "torch.utils._pytree", "diffusers"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 
 def pick_device(cpu_smoke: bool, echo: Callable[[str], None] = print) -> torch.device:
@@ -117,6 +110,34 @@ class Run:
             lines.append(f"- CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}")
         lines.append("- environment: " + ", ".join(f"{v}={os.environ.get(v, '(unset)')}" for v in ENVIRONMENT_VARIABLES))
         return lines
+
+
+@dataclass
+class TargetResult:
+    """One of a benchmark's speed targets and whether this run met it."""
+
+    target: str
+    status: str  # "met", "NOT met", "not measured"
+    detail: str
+
+
+RowT = TypeVar("RowT")
+
+
+@dataclass
+class Outputs(Generic[RowT]):
+    """What a `bench kernels` / `bench model` run wrote and measured."""
+
+    markdown: Path
+    csv: Path
+    plot: Path | None
+    rows: list[RowT]
+    targets: list[TargetResult]
+
+    @property
+    def failures(self) -> list[RowT]:
+        """Points that failed to build or run (a provider that cannot serve is skipped, not failed)."""
+        return [r for r in self.rows if r.note.startswith("FAILED")]
 
 
 @contextlib.contextmanager
@@ -313,12 +334,6 @@ def stored_bytes(obj: Any) -> int:
             total += sum(count(t) for t in tensors)
         return total
     return count(obj)
-
-
-def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
-    """||y - ref|| / ||ref|| in float64."""
-    y, ref = y.detach().double(), ref.detach().double()
-    return float((y - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
 def geometric_mean(values: Sequence[float]) -> float:

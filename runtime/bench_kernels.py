@@ -41,7 +41,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import bench_common as bc
+from .bench_common import Outputs, TargetResult
 from .backends import get_backend
+from .metrics import relative_error
 from .modules import QuantizedLinear
 from .schemes import Scheme, resolve_scheme
 from .transformer import format_table
@@ -330,7 +332,7 @@ def run_kernels(plan: Plan, device: torch.device, roofline: bc.Roofline, echo: C
             xs = inputs.get(m, _copies(counted, l2))
             calls = [(lambda x, w=w: torch.mm(x, w.t())) for w in dense_copies]
             try:
-                row.rel_error = bc.relative_error(torch.mm(xs[0], dense.t()), xs[0].float() @ dense.float().t())
+                row.rel_error = relative_error(torch.mm(xs[0], dense.t()), xs[0].float() @ dense.float().t())
                 _measure(row, calls, xs, device, counted, roofline, warmup_ms, rep_ms)
                 row.speedup = 1.0
                 baseline[m] = row.ms
@@ -368,7 +370,7 @@ def run_kernels(plan: Plan, device: torch.device, roofline: bc.Roofline, echo: C
                     xs = inputs.get(m, _copies(counted, l2))
                     try:
                         y = built.calls[0](xs[0])
-                        row.rel_error = bc.relative_error(y, xs[0].float() @ reference_weight.t())
+                        row.rel_error = relative_error(y, xs[0].float() @ reference_weight.t())
                         if built.kernel_for is not None:
                             row.kernel = built.kernel_for(xs[0])
                         _measure(row, built.calls, xs, device, counted, roofline, warmup_ms, rep_ms)
@@ -383,13 +385,6 @@ def run_kernels(plan: Plan, device: torch.device, roofline: bc.Roofline, echo: C
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
-
-
-@dataclass
-class TargetResult:
-    target: str
-    status: str  # "met", "NOT met", "not measured"
-    detail: str
 
 
 def check_targets(rows: Sequence[Row], provider: str = "quantrt") -> list[TargetResult]:
@@ -546,21 +541,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rep-ms", type=int, default=bc.DEFAULT_REP_MS, help="do_bench repetition time (ms)")
 
 
-@dataclass
-class Outputs:
-    markdown: Path
-    csv: Path
-    plot: Path | None
-    rows: list[Row]
-    targets: list[TargetResult]
-
-    @property
-    def failures(self) -> list[Row]:
-        """Points that failed to build or run (a provider that cannot serve is skipped, not failed)."""
-        return [r for r in self.rows if r.note.startswith("FAILED")]
-
-
-def run(args: argparse.Namespace, prog: str, argv: Sequence[str], echo: Callable[[str], None] = print) -> Outputs:
+def run(args: argparse.Namespace, prog: str, argv: Sequence[str], echo: Callable[[str], None] = print) -> Outputs[Row]:
     """Run the kernel benchmark as `args` say and write its markdown, CSV and PNG."""
     device = bc.pick_device(args.cpu_smoke, echo)
     plan = make_plan(args, smoke=device.type != "cuda")  # bad arguments fail before anything is written

@@ -43,7 +43,10 @@ import torch
 import torch.nn as nn
 
 from . import bench_common as bc
+from .bench_common import Outputs, TargetResult
+from .compile import repeated_blocks
 from .config import QuantConfig
+from .metrics import relative_error
 from .models import FLUX_SIZES, FLUX_TOKENS, LLM_SIZES, build_flux, build_llm, flux_inputs
 from .schemes import Scheme, resolve_scheme
 from .transformer import QuantizedTransformer, format_table
@@ -70,7 +73,6 @@ class ModelCase:
     build: Callable[[], nn.Module]
     make_inputs: Callable[[nn.Module], dict[str, Any]]  # the forward's keyword arguments, from the bf16 model
     output: Callable[[Any], torch.Tensor]
-    blocks: tuple[str, ...]  # class names of the repeated blocks, for --regional
 
 
 @dataclass
@@ -113,8 +115,7 @@ def flux_case(size: str, device: torch.device, dtype: torch.dtype) -> ModelCase:
     return ModelCase(
         "flux", f"FluxTransformer2DModel {size} ({config['num_layers']} + {config['num_single_layers']} blocks), "
                 f"{image} image + {text} text tokens, batch 1",
-        lambda: build_flux(size, dtype=dtype, device=device), flux_inputs, lambda out: out[0],
-        ("FluxTransformerBlock", "FluxSingleTransformerBlock"))
+        lambda: build_flux(size, dtype=dtype, device=device), flux_inputs, lambda out: out[0])
 
 
 def llm_case(size: str, tokens: int, batch: int, device: torch.device, dtype: torch.dtype) -> ModelCase:
@@ -127,7 +128,7 @@ def llm_case(size: str, tokens: int, batch: int, device: torch.device, dtype: to
         "llm", f"LlamaForCausalLM {size} ({config['num_hidden_layers']} layers, hidden {config['hidden_size']}), "
                f"batch {batch} x {tokens} token(s), no KV cache",
         lambda: build_llm(size, dtype=dtype, device=device), lambda model: {"input_ids": input_ids, "use_cache": False},
-        lambda out: out.logits, ("LlamaDecoderLayer",))
+        lambda out: out.logits)
 
 
 def _quantize_quantrt(model: nn.Module, scheme: Scheme, inputs: dict) -> tuple[nn.Module, str]:
@@ -159,11 +160,13 @@ def _quantize_torchao(model: nn.Module, scheme: Scheme, device: torch.device, dt
     return model, f"torchao {ao.torchao_version()} {type(config).__name__} x{len(names)}"
 
 
-def _regional_compile(model: nn.Module, block_names: Sequence[str], mode: str) -> int:
-    """Compile, in place, every submodule whose class is one of the repeated blocks; returns how many."""
-    blocks = [m for m in model.modules() if type(m).__name__ in block_names]
+def _regional_compile(model: nn.Module, mode: str) -> int:
+    """Compile, in place, the blocks that qt.compile(regional=True) compiles (quantrt.compile.repeated_blocks:
+    diffusers' `_repeated_blocks`, else ModuleLists of same-class blocks); returns how many."""
+    blocks = repeated_blocks(model)
     if not blocks:
-        raise RuntimeError(f"--regional: {type(model).__name__} has no {' / '.join(block_names)} blocks")
+        raise RuntimeError(f"--regional: {type(model).__name__} has no `_repeated_blocks` and no ModuleList of "
+                           f"repeated blocks")
     for block in blocks:
         block.compile(fullgraph=True, mode=mode)
     return len(blocks)
@@ -193,12 +196,12 @@ def measure(row: Row, case: ModelCase, model: nn.Module, inputs: dict[str, Any],
     row.eager_ms = bc.median_ms(lambda: forward(model), device, warmup=0, repeats=repeats)
     row.peak_eager_gb = _peak_gb(device)
     if reference is not None:
-        row.error_eager = bc.relative_error(eager_out, reference)
+        row.error_eager = relative_error(eager_out, reference)
     if compile_mode is None:
         return eager_out
     torch._dynamo.reset()  # each model compiles afresh, never against another model's guards
     if regional:
-        _regional_compile(model, case.blocks, compile_mode)
+        _regional_compile(model, compile_mode)
         compiled = model
     else:
         compiled = torch.compile(model, fullgraph=True, mode=compile_mode)
@@ -214,7 +217,7 @@ def measure(row: Row, case: ModelCase, model: nn.Module, inputs: dict[str, Any],
     _reset_peak(device)
     row.compiled_ms = bc.median_ms(compiled_forward, device, warmup=1, repeats=repeats)
     row.peak_compiled_gb = _peak_gb(device)
-    row.error_compiled = bc.relative_error(compiled_out, reference if reference is not None else eager_out)
+    row.error_compiled = relative_error(compiled_out, reference if reference is not None else eager_out)
     return eager_out
 
 
@@ -279,13 +282,6 @@ def run_case(case: ModelCase, schemes: Sequence[str], providers: Sequence[str], 
                       if row.eager_ms else row.note)
             echo(f"  {scheme.name:14} {provider:8} {timing}")
     return rows
-
-
-@dataclass
-class TargetResult:
-    target: str
-    status: str
-    detail: str
 
 
 def check_targets(rows: Sequence[Row]) -> list[TargetResult]:
@@ -375,20 +371,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="quantrt's tuning table to read and fill (default: a fresh temporary one)")
 
 
-@dataclass
-class Outputs:
-    markdown: Path
-    csv: Path
-    plot: Path | None
-    rows: list[Row]
-    targets: list[TargetResult]
-
-    @property
-    def failures(self) -> list[Row]:
-        """Points that failed to build or run (a provider that cannot serve is skipped, not failed)."""
-        return [r for r in self.rows if r.note.startswith("FAILED")]
-
-
 def _names(text: str, allowed: Sequence[str], what: str) -> list[str]:
     names = [s.strip() for s in text.split(",") if s.strip()]
     unknown = [n for n in names if n not in allowed]
@@ -397,7 +379,7 @@ def _names(text: str, allowed: Sequence[str], what: str) -> list[str]:
     return names
 
 
-def run(args: argparse.Namespace, prog: str, argv: Sequence[str], echo: Callable[[str], None] = print) -> Outputs:
+def run(args: argparse.Namespace, prog: str, argv: Sequence[str], echo: Callable[[str], None] = print) -> Outputs[Row]:
     """Run the model benchmark as `args` say and write its markdown, CSV and PNG."""
     device = bc.pick_device(args.cpu_smoke, echo)
     smoke = device.type != "cuda"

@@ -86,22 +86,24 @@ def _copy_tree(src: Path, dst: Path) -> None:
         shutil.copy2(path, target)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # exists, owned by someone else
-    return True
+OWNER_LOCK = "owner.lock"
+STALE_WORK_SECONDS = 600
 
 
 def _sweep_work(work: Path) -> None:
-    """Remove the working copies of processes that died without cleaning up (killed, say)."""
+    """Remove the working copies of processes that died without cleaning up (killed, say). A living process
+    holds the lock file in its folder for its whole life, so a folder is removed only when its lock can be
+    taken and it has not changed for STALE_WORK_SECONDS (on a shared volume whose locks do not reach across
+    hosts, the age still protects a process that is compiling)."""
     for folder in work.iterdir():
-        parts = folder.name.split("-")
-        if len(parts) >= 3 and parts[1].isdigit() and not _pid_alive(int(parts[1])):
-            shutil.rmtree(folder, ignore_errors=True)
+        try:
+            if time.time() - folder.stat().st_mtime < STALE_WORK_SECONDS:
+                continue
+            owner = FileLock(str(folder / OWNER_LOCK), timeout=0)
+            with owner:
+                shutil.rmtree(folder, ignore_errors=True)
+        except (Timeout, OSError):
+            continue
 
 
 @dataclass
@@ -155,6 +157,8 @@ class CacheEntry:
             _sweep_work(self.root / "work")
             self._work = Path(tempfile.mkdtemp(prefix=f"{self.fingerprint[:12]}-{os.getpid()}-",
                                                dir=self.root / "work"))
+            self._owner = FileLock(str(self._work / OWNER_LOCK))
+            self._owner.acquire()  # held until exit: the folder is in use (see _sweep_work)
             atexit.register(shutil.rmtree, self._work, ignore_errors=True)
         return self._work
 
@@ -232,7 +236,6 @@ class CacheEntry:
         work = self.work_dir
         if artifacts:
             (work / f"artifacts-{time.time_ns()}-{os.getpid()}.bin").write_bytes(artifacts)
-        (work / "tuning.json").write_text(json.dumps(tuning, indent=1, sort_keys=True))
         with self._locked():
             merged = dict(shapes)
             created = time.time()
@@ -242,8 +245,10 @@ class CacheEntry:
                     _copy_tree(self.path, work)  # another process's graphs and artifacts are kept
                     merged = {**current.shapes, **shapes}
                     created = current.created
-                except ValueError:
+                    tuning = {**json.loads((self.path / "tuning.json").read_text()), **tuning}
+                except (ValueError, OSError):
                     pass  # a bad entry is replaced
+            (work / "tuning.json").write_text(json.dumps(tuning, indent=1, sort_keys=True))
             staging = self.path.with_name(f"{self.fingerprint}.new")
             shutil.rmtree(staging, ignore_errors=True)
             staging.parent.mkdir(parents=True, exist_ok=True)

@@ -82,7 +82,8 @@ import torch.nn as nn
 from .config import QuantConfig
 from .kernels.packing import pack_uintx
 from .schemes import Scheme, resolve_scheme
-from .serialization import CONFIG_NAME, CheckpointError, build_skeleton, unquantized_identity
+from .serialization import (CONFIG_NAME, SAFETENSORS_DTYPES, CheckpointError, build_skeleton, plan_layers,
+                            unquantized_identity)
 
 QUANTO_MAP_FILES = ("quantization_map.json", "quanto_qmap.json")
 # quanto qtype name -> the quantrt scheme that stores the same numbers
@@ -92,12 +93,6 @@ QUANTO_QTYPES = {"qint8": "int8wo", "qint4": "int4wo", "qint2": "uint2wo", "qflo
 DIFFUSERS_QUANTO_WEIGHTS = {"int8": "qint8", "int4": "qint4", "int2": "qint2", "float8": "qfloat8_e4m3fn"}
 # the largest header this reader parses (about 100 bytes of JSON per tensor; a corrupt length must not allocate GBs)
 _MAX_HEADER = 100 * 2**20
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "F8_E4M3FNUZ": torch.float8_e4m3fnuz, "F8_E5M2FNUZ": torch.float8_e5m2fnuz, "U16": torch.uint16,
-    "U32": torch.uint32, "U64": torch.uint64}
 
 
 class SafetensorsReader:
@@ -143,7 +138,7 @@ class SafetensorsReader:
         if not ok:
             raise CheckpointError(f"{self.path}: tensor {name!r} has a damaged header entry {entry!r}")
         begin, end = offsets
-        dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])  # unknown: an error only if the tensor is read
+        dtype = SAFETENSORS_DTYPES.get(entry["dtype"])  # unknown: an error only if the tensor is read
         nbytes = torch.Size(shape).numel() * dtype.itemsize if dtype is not None else end - begin
         if not 0 <= begin <= end <= data_bytes or end - begin != nbytes:
             raise CheckpointError(f"{self.path}: tensor {name!r} ({entry['dtype']} {shape}) has data offsets "
@@ -167,9 +162,9 @@ class SafetensorsReader:
 
     def dtype(self, name: str) -> torch.dtype:
         dtype_name = self._entries[name][0]
-        if dtype_name not in _SAFETENSORS_DTYPES:
+        if dtype_name not in SAFETENSORS_DTYPES:
             raise CheckpointError(f"{self.path}: tensor {name!r} has dtype {dtype_name}, which quantrt cannot read")
-        return _SAFETENSORS_DTYPES[dtype_name]
+        return SAFETENSORS_DTYPES[dtype_name]
 
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """Tensor `name`, or only its rows [start, stop) along dim 0, as a fresh CPU tensor."""
@@ -840,30 +835,6 @@ def _single_file_config(file: Path, config: dict | str | os.PathLike | None, mod
                           f"e.g. FLUX.1-schnell/transformer)")
 
 
-def _plan_layers(skeleton: nn.Module, config: QuantConfig, torch_dtype: torch.dtype | None
-                 ) -> tuple[dict[str, Any], dict[str, str]]:
-    """Swap the Linear layers that `config` quantizes for meta-device QuantizedLinear skeletons:
-    ({"<layer>.weight": layer}, {kept layer: why})."""
-    from .modules import QuantizedLinear
-
-    planned, kept = {}, {}
-    for name, linear in list(skeleton.named_modules()):
-        if type(linear) is not nn.Linear:
-            continue
-        plan = config.plan(name)
-        why = plan.reason if plan.scheme is None else plan.scheme.unsupported_reason(linear.out_features,
-                                                                                     linear.in_features)
-        if why:
-            kept[name] = why if plan.scheme is None else f"kept in full precision: {why}"
-            continue
-        layer = QuantizedLinear(linear.in_features, linear.out_features, plan.scheme, linear.bias is not None,
-                                dtype=torch_dtype or linear.weight.dtype, device="meta", name=name)
-        parent, _, child = name.rpartition(".")
-        setattr(skeleton.get_submodule(parent) if parent else skeleton, child, layer)
-        planned[f"{name}.weight"] = layer
-    return planned, kept
-
-
 def quantize_single_file(file: str | os.PathLike, quant_config: QuantConfig,
                          config: dict | str | os.PathLike | None, device: torch.device,
                          torch_dtype: torch.dtype | None, progress: bool | None = None
@@ -874,6 +845,8 @@ def quantize_single_file(file: str | os.PathLike, quant_config: QuantConfig,
     from accelerate.utils import set_module_tensor_to_device
     from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
     from tqdm.auto import tqdm
+
+    from .modules import init_act_scale
 
     file = Path(file)
     if not file.is_file() or file.suffix != ".safetensors":
@@ -898,7 +871,7 @@ def quantize_single_file(file: str | os.PathLike, quant_config: QuantConfig,
     plan = plan_for(class_name)
     skeleton = build_skeleton({"library": "diffusers", "class": class_name, "config": model_config}, None)
     expected = {key: tuple(t.shape) for key, t in skeleton.state_dict(keep_vars=True).items()}
-    planned, kept = _plan_layers(skeleton, quant_config, torch_dtype)
+    planned, kept = plan_layers(skeleton, quant_config, torch_dtype)
     unknown = sorted(set(plan) - set(expected))
     if unknown:
         raise CheckpointError(f"the conversion of {file} gives tensors that {class_name} with this config does not "
@@ -919,10 +892,7 @@ def quantize_single_file(file: str | os.PathLike, quant_config: QuantConfig,
         if key in planned:
             layer = planned.pop(key)
             layer.set_weight(tensor.to(device))
-            if "act_scale" in layer.tensors():
-                layer.act_scale = torch.full((1, 1), float("nan") if quant_config.activation_scale is None
-                                             else quant_config.activation_scale, device=device)
-                layer.calibrated = quant_config.activation_scale is not None
+            init_act_scale(layer, quant_config.activation_scale, device)
         else:
             set_module_tensor_to_device(skeleton, key, device, value=tensor, dtype=tensor.dtype)
         del tensor

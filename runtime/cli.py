@@ -14,7 +14,7 @@ quantrt: quantized inference for PyTorch transformers. Linear layers run in quan
 weight-only kernels where they can, else torchao, optimum-quanto, or a pure-torch reference.
 
 commands:
-  info   versions, the device, and which backend can serve which scheme here
+  info      versions, the device, and which backend can serve which scheme here
   demo      quantize a FLUX-architecture transformer (random weights, no download) with several
             schemes, run it, and print weight bytes, ratio to bf16, time per forward and error per scheme
   quantize  quantize an unquantized diffusers/transformers model folder (safetensors) into a quantrt
@@ -22,8 +22,9 @@ commands:
   warmup    compile a quantized model for a list of input shapes ahead of serving and save the graphs and
             kernels in the compile cache; --check proves, in a fresh process, that serving starts hot
   bench     benchmarks: `bench kernels` (weight-only matmuls against bf16 torch.mm, torchao, quanto,
-            gemlite) and `bench model` (FLUX and Llama, bf16 against each scheme, eager and compiled);
-            results in benchmarks/results/
+            gemlite), `bench model` (FLUX and Llama, bf16 against each scheme, eager and compiled) and
+            `bench compile` (cold compile against a warm start from the compile cache); results in
+            benchmarks/results/
 """
 
 INFO_SCHEMES = ("int8wo", "int4wo", "uint1wo", "uint2wo", "uint3wo", "uint5wo", "uint6wo", "uint7wo",
@@ -31,8 +32,9 @@ INFO_SCHEMES = ("int8wo", "int4wo", "uint1wo", "uint2wo", "uint3wo", "uint5wo", 
                 "int4dq", "float8dq_e4m3_tensor", "float8dq_e4m3_row", "float8_static_activation_float8_weight")
 
 
-def _quiet_imports() -> None:
-    # torchao and diffusers log warnings at import that say nothing about the user's run
+def quiet_library_logs() -> None:
+    """Silence what torchao and diffusers log at import and model building, which says nothing about the
+    user's run or a benchmark (the CLI and the benchmark scripts call it)."""
     for name in ("torchao", "torch.utils._pytree", "diffusers"):
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
@@ -136,8 +138,9 @@ def cmd_warmup(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = getattr(torch, args.dtype)
     if args.model:
+        # as stored and as serving loads it (from_pretrained's defaults), so that the fingerprint is the same
+        dtype = getattr(torch, args.dtype) if args.dtype else None
         qt = QuantizedTransformer.from_pretrained(args.model, device=device, torch_dtype=dtype, backend=args.backend)
         default = [f"{FLUX_TOKENS['tiny'][0]}x{FLUX_TOKENS['tiny'][1]}"]
         if type(qt.model).__name__ != "FluxTransformer2DModel":
@@ -145,12 +148,16 @@ def cmd_warmup(args: argparse.Namespace) -> int:
     else:
         from .config import QuantConfig
 
-        model = build_flux(args.size, dtype=dtype, device=device)
-        qt = QuantizedTransformer.from_model(model, QuantConfig(args.scheme, backend=args.backend), progress=False)
+        model = build_flux(args.size, dtype=getattr(torch, args.dtype or "bfloat16"), device=device)
+        qt = QuantizedTransformer.from_model(model, QuantConfig(args.scheme, backend=args.backend or "auto"),
+                                             progress=False)
         default = ["x".join(map(str, FLUX_TOKENS[args.size]))]
     shapes = _warmup_shapes(args, default)
     examples = [example_inputs(qt.model, spec) for spec in shapes]
     qt.compile(mode=args.mode, regional=args.regional, strict=args.strict or args.check, cache_dir=args.cache_dir)
+    if qt._compiled.entry is None:
+        print("quantrt warmup: the cache folder cannot be used (see the warning above)", file=sys.stderr)
+        return 1
     entry = qt._compiled.entry
     if args.check and entry.status != "loaded":
         why = f" ({entry.reason})" if entry.reason else ""
@@ -160,7 +167,7 @@ def cmd_warmup(args: argparse.Namespace) -> int:
     print(f"{'checking' if args.check else 'warming'} {len(examples)} shape(s) of {type(qt.model).__name__} on "
           f"{device}, mode={args.mode}{', regional' if args.regional else ''}; cache entry: {entry.path} "
           f"({'found' if entry.status == 'loaded' else 'new'})")
-    report = qt.warmup(examples, progress=True)
+    report = qt.warmup(examples, progress=True, grad_mode=args.grad_mode, allow_new=not args.check)
     print(report)
     total = time.perf_counter() - start
     if args.json:
@@ -195,18 +202,33 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 1 if outputs.failures else 0
 
 
-def _add_bench_parser(sub) -> None:
-    from . import bench_compile, bench_kernels, bench_model
+BENCHMARKS = {  # `quantrt bench NAME`: the module quantrt.bench_NAME and its one-line summary
+    "kernels": "weight-only matmul kernels against bf16 torch.mm, torchao, quanto, gemlite",
+    "model": "FLUX and Llama end to end: bf16 against each scheme, eager and compiled",
+    "compile": "cold compile against a warm start from the compile cache",
+}
+
+
+def _command(argv: list[str]) -> str | None:
+    """The sub-command of a command line (the top-level parser has no options that take a value)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def _add_bench_parser(sub, bench_arguments: bool) -> None:
+    """`quantrt bench`. The benchmark modules (and what they import) are loaded only with `bench_arguments`,
+    which main sets when the command is `bench`: their options and descriptions matter only then."""
+    import importlib
 
     bench = sub.add_parser("bench", help="benchmarks: kernels and whole models against bf16 and peers",
                            description="Benchmarks that write a markdown table, a CSV and a PNG plot to "
                                        "benchmarks/results/ (--out-dir). Without CUDA they run a reduced CPU smoke "
                                        "run that checks they work, not their numbers.")
     benchmarks = bench.add_subparsers(dest="benchmark", metavar="benchmark")
-    for name, module, summary in (
-            ("kernels", bench_kernels, "weight-only matmul kernels against bf16 torch.mm, torchao, quanto, gemlite"),
-            ("model", bench_model, "FLUX and Llama end to end: bf16 against each scheme, eager and compiled"),
-            ("compile", bench_compile, "cold compile against a warm start from the compile cache")):
+    for name, summary in BENCHMARKS.items():
+        if not bench_arguments:
+            benchmarks.add_parser(name, help=summary)
+            continue
+        module = importlib.import_module(f"{__package__}.bench_{name}")
         parser = benchmarks.add_parser(name, help=summary, description=module.__doc__,
                                        formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(parser)
@@ -214,7 +236,9 @@ def _add_bench_parser(sub) -> None:
     bench.set_defaults(func=lambda args: bench.print_help() or 2)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(bench_arguments: bool = True) -> argparse.ArgumentParser:
+    """The `quantrt` parser. bench_arguments=False leaves out the benchmarks' own options (and the imports
+    they need), for any command but `bench`."""
     from .demo import DEFAULT_SCHEMES
 
     parser = argparse.ArgumentParser(prog="quantrt", description=DESCRIPTION,
@@ -260,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
                           help="cast floating tensors to this dtype first (default: as stored)")
     quantize.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default: %(default)s)")
-    quantize.add_argument("--overwrite", action="store_true", help="replace DST if it is not empty")
+    quantize.add_argument("--overwrite", action="store_true",
+                          help="replace DST if it is a quantrt folder (other folders are never deleted)")
     quantize.set_defaults(func=cmd_quantize)
 
     warmup = sub.add_parser(
@@ -288,21 +313,27 @@ def build_parser() -> argparse.ArgumentParser:
     warmup.add_argument("--check", action="store_true",
                         help="verify a warm start: every shape must load from the cache, no recompiles")
     warmup.add_argument("--device", help="cpu or cuda (default: cuda if available)")
-    warmup.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
-                        help="compute dtype (default: %(default)s)")
-    warmup.add_argument("--backend", default="auto", help="backend for every layer (default: %(default)s)")
+    warmup.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
+                        help="compute dtype (default: as stored for MODEL, bfloat16 for the demo model); use what "
+                             "serving uses: a different dtype is a different cache entry")
+    warmup.add_argument("--backend", help="backend for every layer (default: MODEL's saved choices, auto for the "
+                                          "demo model)")
+    warmup.add_argument("--grad-mode", choices=("no_grad", "inference_mode", "grad"), default="no_grad",
+                        help="the autograd mode serving runs in; each is its own graph (default: %(default)s, as "
+                             "diffusers pipelines and transformers' generate run)")
     warmup.add_argument("--cache-dir", help="cache folder (default: QUANTRT_CACHE_DIR, else ~/.cache/quantrt)")
     warmup.add_argument("--json", metavar="FILE", help="also write the per-shape report as JSON")
     warmup.set_defaults(func=cmd_warmup)
-    _add_bench_parser(sub)
+    _add_bench_parser(sub, bench_arguments)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    _quiet_imports()
-    parser = build_parser()
+    quiet_library_logs()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(bench_arguments=_command(argv) == "bench")
     args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # the exact command, for the benchmarks' reports
+    args.argv = argv  # the exact command, for the benchmarks' reports
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -81,16 +81,29 @@ def _describe(value: Any) -> Any:
     return type(value).__qualname__
 
 
+def grad_mode() -> str:
+    """The autograd mode a call runs in: Dynamo compiles a separate graph for each."""
+    if torch.is_inference_mode_enabled():
+        return "inference_mode"
+    return "grad" if torch.is_grad_enabled() else "no_grad"
+
+
+GRAD_MODES = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode, "grad": torch.enable_grad}
+
+
 def signature(args: tuple, kwargs: dict) -> str:
-    """A stable key of the input shapes (the same across processes)."""
-    return json.dumps([_describe(list(args)), _describe(dict(sorted(kwargs.items())))], separators=(",", ":"))
+    """A stable key of the input shapes and the autograd mode (the same across processes)."""
+    return json.dumps([grad_mode(), _describe(list(args)), _describe(dict(sorted(kwargs.items())))],
+                      separators=(",", ":"))
 
 
 def shape_label(args: tuple, kwargs: dict) -> str:
-    """A short human-readable form of the tensor shapes: `hidden_states=1x64x32 txt_ids=16x3`."""
+    """A short human-readable form of the tensor shapes: `hidden_states=1x64x32 txt_ids=16x3`, and the autograd
+    mode when it is not no_grad (the mode warmup uses by default)."""
     parts = [f"{i}={'x'.join(map(str, a.shape))}" for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
     parts += [f"{k}={'x'.join(map(str, v.shape))}" for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
-    return " ".join(parts) or "(no tensors)"
+    mode = grad_mode()
+    return " ".join(parts + ([f"[{mode}]"] if mode != "no_grad" else [])) or "(no tensors)"
 
 
 def _pad_rows(t: torch.Tensor, dims: list[tuple[int, int, int]]) -> torch.Tensor:
@@ -199,9 +212,20 @@ def _counters() -> dict[str, int]:
             "misses": counters["inductor"]["fxgraph_cache_miss"]}
 
 
+# the settings below are process-wide: one compilation of ours at a time, so that two threads compiling two
+# models cannot restore each other's values
+_COMPILE_ENV_LOCK = threading.RLock()
+
+
 @contextlib.contextmanager
 def _compile_env(inductor_dir: str | None, recompile_limit: int):
     """The settings a compilation of ours needs (see the module docstring), restored afterwards."""
+    with _COMPILE_ENV_LOCK, _compile_settings(inductor_dir, recompile_limit):
+        yield
+
+
+@contextlib.contextmanager
+def _compile_settings(inductor_dir: str | None, recompile_limit: int):
     saved = {k: os.environ.get(k) for k in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
     if inductor_dir is not None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_dir
@@ -232,7 +256,8 @@ class ShapeReport:
     cache_misses: int
     recompiles: int  # graphs compiled again for a shape already compiled in this process: must be 0
     kernel_picks: int  # quantrt kernel tuning picks made (Triton backend on a GPU), 0 when all were cached
-    status: str  # "cold" (compiled), "warm" (from the cache entry), or "already compiled"
+    status: str  # "cold" (compiled), "warm" (from the cache entry), "missed" (in the entry, but compiled
+    # again: Inductor's cache key saw other global state), or "already compiled" (earlier in this process)
 
 
 class WarmupReport(list):
@@ -266,9 +291,11 @@ class CompiledForward:
         self.warmed = False  # strict mode raises on new shapes once this is set
         self._mutex = threading.RLock()
         kwargs = dict(fullgraph=options.fullgraph, dynamic=False)
-        if "isolate_recompiles" in inspect.signature(torch.compile).parameters:
-            # torch >= 2.13: this model's graphs are its own; another model of the same classes neither reuses
-            # them nor counts against their recompile limit
+        # torch >= 2.13: this model's graphs are its own; another model of the same classes neither reuses them
+        # nor counts against their recompile limit. Without it a new shape may reuse another model's graph,
+        # so "no graph compiled" says nothing and is not checked.
+        self.isolated = "isolate_recompiles" in inspect.signature(torch.compile).parameters
+        if self.isolated:
             kwargs["isolate_recompiles"] = True
         kwargs.update({"mode": options.mode} if options.options is None else {"options": options.options})
         if options.regional:
@@ -283,15 +310,20 @@ class CompiledForward:
             self.fn = torch.compile(model, **kwargs)
         if cache:
             self.entry = CacheEntry(fingerprint_fields(model, options), root=cache_dir)
-            self._load_entry()
+            try:
+                self._load_entry()
+                self.entry.inductor_dir.mkdir(parents=True, exist_ok=True)
+            except (OSError, Timeout) as e:
+                # a read-only or full cache folder, or a lock held for an hour: serve, compile without the cache
+                reason = (f"its lock is held by another process" if isinstance(e, Timeout) else
+                          f"it cannot be used ({e})")
+                warnings.warn(f"quantrt cache: {self.entry.path}: {reason}; compiling without the cache",
+                              CacheWarning, stacklevel=3)
+                self.entry = None
+                self.warm_signatures, self.warmed = {}, False
 
     def _load_entry(self) -> None:
-        try:
-            manifest = self.entry.load()
-        except Timeout:
-            warnings.warn(f"quantrt cache: the lock of {self.entry.path} is held by another process; compiling "
-                          f"without the cache", CacheWarning, stacklevel=3)
-            return
+        manifest = self.entry.load()
         if manifest is None:
             return
         with _compile_env(str(self.entry.inductor_dir), 0):
@@ -322,15 +354,23 @@ class CompiledForward:
             output = self._first_call(key, args, kwargs)[0]
         return unpad_outputs(output, sizes) if sizes else output
 
-    def _first_call(self, key: str, args: tuple, kwargs: dict) -> tuple[Any, dict[str, int], float]:
-        """Compile (or load from the cache) and run the graph of a shape this process has not compiled."""
+    def _first_call(self, key: str, args: tuple, kwargs: dict,
+                    warming: bool = False) -> tuple[Any, dict[str, int], float]:
+        """Compile (or load from the cache) and run the graph of a shape this process has not compiled.
+        `warming`: called by warmup, which may add shapes in strict mode too."""
         with self._mutex:
             if key in self.compiled_signatures:
                 return self.fn(*args, **kwargs), {"graphs": 0, "hits": 0, "misses": 0}, 0.0
-            if self.options.strict and self.warmed and key not in self.warm_signatures:
+            if self.options.strict and self.warmed and not warming and key not in self.warm_signatures:
                 warmed = "; ".join(v["shape"] for v in self.warm_signatures.values()) or "none"
+                modes = {json.loads(k)[0] for k in self.warm_signatures}
+                hint = ""
+                if grad_mode() not in modes:
+                    hint = (f" This call runs in autograd mode {grad_mode()!r} and the warmed graphs are for "
+                            f"{', '.join(sorted(modes))}: serve under torch.no_grad() (or the warmed mode), or warm "
+                            f"with grad_mode={grad_mode()!r}.")
                 raise RecompileError(f"strict mode: inputs {shape_label(args, kwargs)} were not warmed, so serving "
-                                     f"them would compile a new graph. Warmed shapes: {warmed}. Add them to "
+                                     f"them would compile a new graph. Warmed shapes: {warmed}.{hint} Add them to "
                                      f"qt.warmup([...]) (or `quantrt warmup --shape`), or compile with "
                                      f"strict=False")
             before = _counters()
@@ -340,7 +380,7 @@ class CompiledForward:
                 output = self.fn(*args, **kwargs)
             seconds = time.perf_counter() - start
             delta = {k: v - before[k] for k, v in _counters().items()}
-            if delta["graphs"] == 0:
+            if delta["graphs"] == 0 and self.isolated:
                 message = (f"torch.compile compiled no graph for inputs {shape_label(args, kwargs)}: the model ran "
                            f"eagerly (Dynamo's recompile limit, or compilation disabled). Check "
                            f"TORCH_LOGS=recompiles")
@@ -350,21 +390,26 @@ class CompiledForward:
             self.compiled_signatures.add(key)
             return output, delta, seconds
 
-    def warmup(self, examples: Iterable[Any], progress: bool | None = None) -> WarmupReport:
+    def warmup(self, examples: Iterable[Any], progress: bool | None = None, grad_mode: str = "no_grad",
+               allow_new: bool = True) -> WarmupReport:
         """Compile every example's shape bucket (each example: a dict of keyword arguments, a tuple of
-        positional ones, or one tensor), then write the cache entry. Returns a per-shape report."""
+        positional ones, or one tensor), then write the cache entry. Returns a per-shape report.
+        `grad_mode`: the autograd mode serving runs in ("no_grad", as diffusers pipelines and transformers'
+        generate do; "inference_mode"; or "grad"): Dynamo compiles a separate graph for each. `allow_new=False`
+        checks a warm start: in strict mode, a shape that is not in the entry raises RecompileError."""
         from quantrt.kernels.tuning import default_table
 
+        if grad_mode not in GRAD_MODES:
+            raise ValueError(f"grad_mode={grad_mode!r}: choose one of {', '.join(GRAD_MODES)}")
         examples = list(examples)
         if not examples:
             raise ValueError("warmup needs at least one example input (a dict of keyword arguments, a tuple of "
                              "positional arguments, or a tensor)")
         report = WarmupReport()
-        picks_before = default_table().entries()
         new_shapes: dict[str, dict[str, Any]] = {}
         bar = tqdm(examples, desc="warming up", unit="shape",
                    disable=(not progress) if progress is not None else None)
-        with torch.no_grad():
+        with GRAD_MODES[grad_mode]():
             for example in bar:
                 args, kwargs = as_call(example)
                 if self.options.shapes == "pad":
@@ -374,18 +419,21 @@ class CompiledForward:
                 known = self.warm_signatures.get(key)
                 picks = len(default_table().entries())
                 already = key in self.compiled_signatures
-                _, delta, seconds = self._first_call(key, args, kwargs)
+                _, delta, seconds = self._first_call(key, args, kwargs, warming=allow_new)
                 recompiles = self._recompiles(args, kwargs)
-                status = "already compiled" if already else ("warm" if known else "cold")
+                # a shape in the entry that missed Inductor's cache anyway (the warming process had other global
+                # state) was compiled again: it is saved again
+                missed = bool(known) and delta["misses"] > 0
+                status = ("already compiled" if already else "missed" if missed else "warm" if known else "cold")
                 cold = known["cold_s"] if known else (seconds if not already else None)
                 report.append(ShapeReport(label, seconds, cold, delta["hits"], delta["misses"], recompiles,
                                           len(default_table().entries()) - picks, status))
-                if not already:
+                if not already and (not known or missed):
                     new_shapes[key] = {"shape": label, "cold_s": cold, "last_s": seconds}
         self.warmed = True
         self.warm_signatures.update(new_shapes)
         if self.entry is not None and (new_shapes or self.entry.status != "loaded"):
-            self._commit(new_shapes, picks_before)
+            self._commit(new_shapes)
         report.entry = self.entry
         return report
 
@@ -396,7 +444,7 @@ class CompiledForward:
             self.fn(*args, **kwargs)
         return _counters()["graphs"] - before
 
-    def _commit(self, shapes: dict[str, dict[str, Any]], picks_before: dict[str, dict]) -> None:
+    def _commit(self, shapes: dict[str, dict[str, Any]]) -> None:
         from quantrt.kernels.tuning import default_table
 
         artifacts = torch.compiler.save_cache_artifacts()

@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 import torch
 
 from .config import QuantConfig
+from .metrics import relative_error
 from .models import build_flux, flux_inputs
 from .transformer import QuantizedTransformer, format_table, model_bytes
 
@@ -46,12 +47,6 @@ def time_forward(model: torch.nn.Module, inputs: dict, device: torch.device, rep
         _sync(device)
         times.append((time.perf_counter() - start) * 1e3)
     return (out[0] if isinstance(out, tuple) else out), statistics.median(times)
-
-
-def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
-    """||y - ref|| / ||ref|| in float64."""
-    y, ref = y.detach().double(), ref.detach().double()
-    return float((y - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
 def run_demo(size: str = "small", schemes: Sequence[str] = DEFAULT_SCHEMES, device: str | None = None,

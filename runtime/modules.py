@@ -132,6 +132,19 @@ def checked_input(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def init_act_scale(layer: QuantizedLinear, activation_scale: float | None,
+                   device: torch.device | str | None = None) -> None:
+    """Set the static activation scale [1, 1] (float32) of a layer whose scheme has one (fp8 static
+    activations; other layers are left alone): `activation_scale`, or NaN, which marks a scale not yet
+    calibrated (quantrt.calibrate measures it), also in a saved model. `device`: default the qweight's."""
+    if "act_scale" not in layer.tensors():
+        return
+    value = float("nan") if activation_scale is None else activation_scale
+    layer.act_scale = torch.full((1, 1), value, dtype=torch.float32,
+                                 device=device if device is not None else layer.qweight.device)
+    layer.calibrated = activation_scale is not None
+
+
 def _prepare_after_load(layer: QuantizedLinear, incompatible_keys) -> None:
     layer.backend.prepare(layer)
 
@@ -190,10 +203,7 @@ def quantize_(model: nn.Module, config: str | QuantConfig, *, progress: bool | N
                                       shape=shape, dtype=linear.weight.dtype)
         layer = QuantizedLinear.from_linear(linear, plan.scheme, backend, name)
         layer.backend_reason = how
-        if "act_scale" in layer.tensors():
-            # NaN marks a scale not yet calibrated (quantrt.calibrate), also in a saved model
-            layer.act_scale.fill_(float("nan") if config.activation_scale is None else config.activation_scale)
-            layer.calibrated = config.activation_scale is not None
+        init_act_scale(layer, config.activation_scale)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
         reports.append(LayerReport(name, *shape, plan.scheme.name, backend.name, how, layer.storage_bytes(), fp_bytes))

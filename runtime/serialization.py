@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -30,10 +29,15 @@ import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn as nn
+
+from .cache import sha256_file
+
+if TYPE_CHECKING:
+    from .config import QuantConfig
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "quantrt_config.json"
@@ -42,6 +46,14 @@ INDEX_NAME = "model.safetensors.index.json"
 _DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.uint8, torch.int16,
     torch.int32, torch.int64, torch.bool, torch.float8_e4m3fn, torch.float8_e5m2)}
+# safetensors' dtype names (as its headers write them) -> torch's; more than quantrt stores (_DTYPES), for the
+# checkpoints of other tools
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F8_E4M3FNUZ": torch.float8_e4m3fnuz, "F8_E5M2FNUZ": torch.float8_e5m2fnuz, "U16": torch.uint16,
+    "U32": torch.uint32, "U64": torch.uint64}
 
 
 class CheckpointError(ValueError):
@@ -121,16 +133,24 @@ def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, 
 def save_folder(path: str | os.PathLike, model: nn.Module, metadata: dict[str, Any],
                 max_shard_size: int | str = "5GB", overwrite: bool = False) -> Path:
     """Write `model`'s state dict and `metadata` (quantrt_config.json) to `path` atomically: everything goes
-    to a temporary folder beside it that is renamed into place; an existing folder is replaced only with
-    overwrite=True, and only once the new one is complete."""
+    to a temporary folder beside it that is renamed into place. A non-empty folder is replaced only with
+    overwrite=True, only if it is a quantrt folder (has quantrt_config.json), and only once the new one is
+    complete; any other non-empty folder (a user's ~/models, say) is never deleted."""
     from safetensors.torch import save_file
 
-    path = Path(path)
+    # the folder a symlink points at is replaced, not the link (swapping the link itself would leave the
+    # old folder behind and make the cleanup fail after the save succeeded)
+    path = Path(path).resolve()
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{path} exists and is not a folder")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise FileExistsError(f"{path} is not empty; pass overwrite=True to replace it (the old folder is kept "
-                              f"until the new one is complete)")
+    if path.is_dir() and any(path.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{path} is not empty; pass overwrite=True to replace it (the old folder is kept "
+                                  f"until the new one is complete)")
+        if not (path / CONFIG_NAME).is_file():
+            raise FileExistsError(f"{path} is not empty and does not look like a quantrt folder (it has no "
+                                  f"{CONFIG_NAME}), so quantrt will not delete it even with overwrite=True: "
+                                  f"remove it yourself or choose another path")
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors, tied = _unique_state_dict(model)
     shards = _shards({k: v.cpu() for k, v in tensors.items()}, parse_size(max_shard_size))
@@ -186,16 +206,11 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(code, os.strerror(code), str(b))
 
 
-def _sha256(file: Path) -> str:
-    with open(file, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def file_checksums(folder: Path, names: list[str]) -> dict[str, dict[str, Any]]:
     """{name: {"bytes", "sha256"}} of the files `names` in `folder`, hashed in parallel (hashlib releases
     the GIL): about 1.7 GB/s per core."""
     with ThreadPoolExecutor(max(1, min(len(names), os.cpu_count() or 1))) as pool:
-        digests = list(pool.map(lambda name: _sha256(folder / name), names))
+        digests = list(pool.map(lambda name: sha256_file(folder / name), names))
     return {name: {"bytes": (folder / name).stat().st_size, "sha256": digest} for name, digest in zip(names, digests)}
 
 
@@ -334,12 +349,6 @@ def build_skeleton(identity: dict[str, Any], model: nn.Module | Callable[[], nn.
         return cls._from_config(config) if hasattr(cls, "_from_config") else cls(config)
 
 
-# safetensors' dtype names (as its headers write them) -> torch's
-_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-                       "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
-
-
 def _check_headers(model: nn.Module, path: str | os.PathLike, files: dict[str, list[str]],
                    expected: dict[str, Any], skeleton: dict[str, torch.Tensor]) -> None:
     """Names, dtypes and shapes of every shard's tensors (from the safetensors headers, no data read) against
@@ -363,7 +372,9 @@ def _check_headers(model: nn.Module, path: str | os.PathLike, files: dict[str, l
                     raise CheckpointError(f"tensor {name!r} in {file} has no place in the rebuilt "
                                           f"{type(model).__name__} (renamed, or a different model?)")
                 stored = f.get_slice(name)
-                dtype, shape = _SAFETENSORS_DTYPES.get(stored.get_dtype(), stored.get_dtype()), list(stored.get_shape())
+                stored_dtype = SAFETENSORS_DTYPES.get(stored.get_dtype())
+                dtype = dtype_name(stored_dtype) if stored_dtype is not None else stored.get_dtype()
+                shape = list(stored.get_shape())
                 want, target = expected[name], skeleton[name]
                 if dtype != want["dtype"] or shape != want["shape"]:
                     raise CheckpointError(f"tensor {name!r} in {file} is {dtype} {shape} but {CONFIG_NAME} says "
@@ -467,6 +478,31 @@ def unquantized_identity(folder: Path) -> dict[str, Any]:
     raise CheckpointError(f"{file} names no model class (_class_name or architectures)")
 
 
+def plan_layers(skeleton: nn.Module, config: QuantConfig, torch_dtype: torch.dtype | None
+                ) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """Swap the Linear layers of a (meta-device) skeleton that `config` quantizes for meta-device
+    QuantizedLinear skeletons, to be filled by set_weight as the weights stream in:
+    ({"<layer>.weight": layer}, {kept layer: why})."""
+    from .modules import QuantizedLinear
+
+    planned, kept = {}, {}
+    for name, linear in list(skeleton.named_modules()):
+        if type(linear) is not nn.Linear:
+            continue
+        plan = config.plan(name)
+        why = plan.reason if plan.scheme is None else plan.scheme.unsupported_reason(linear.out_features,
+                                                                                     linear.in_features)
+        if why:
+            kept[name] = why if plan.scheme is None else f"kept in full precision: {why}"
+            continue
+        layer = QuantizedLinear(linear.in_features, linear.out_features, plan.scheme, linear.bias is not None,
+                                dtype=torch_dtype or linear.weight.dtype, device="meta", name=name)
+        parent, _, child = name.rpartition(".")
+        setattr(skeleton.get_submodule(parent) if parent else skeleton, child, layer)
+        planned[f"{name}.weight"] = layer
+    return planned, kept
+
+
 def quantize_folder(folder: str | os.PathLike, config, device: torch.device, torch_dtype: torch.dtype | None,
                     model: nn.Module | Callable[[], nn.Module] | None = None,
                     progress: bool | None = None) -> tuple[nn.Module, dict[str, str]]:
@@ -477,26 +513,12 @@ def quantize_folder(folder: str | os.PathLike, config, device: torch.device, tor
     from tqdm.auto import tqdm
 
     from .checkpoints import SafetensorsReader, release_freed_memory
-    from .modules import QuantizedLinear
+    from .modules import init_act_scale
 
     folder = Path(folder)
     # a caller-given skeleton needs no config.json (plain nn.Module folders have none)
     skeleton = build_skeleton(unquantized_identity(folder) if model is None else {}, model)
-    kept, planned = {}, {}
-    for name, linear in list(skeleton.named_modules()):
-        if type(linear) is not nn.Linear:
-            continue
-        plan = config.plan(name)
-        why = plan.reason if plan.scheme is None else plan.scheme.unsupported_reason(linear.out_features, linear.in_features)
-        if why:
-            kept[name] = why if plan.scheme is None else f"kept in full precision: {why}"
-            continue
-        dtype = torch_dtype or linear.weight.dtype
-        layer = QuantizedLinear(linear.in_features, linear.out_features, plan.scheme, linear.bias is not None,
-                                dtype=dtype, device="meta", name=name)
-        parent, _, child = name.rpartition(".")
-        setattr(skeleton.get_submodule(parent) if parent else skeleton, child, layer)
-        planned[f"{name}.weight"] = layer
+    planned, kept = plan_layers(skeleton, config, torch_dtype)
     expected = dict(skeleton.state_dict(keep_vars=True))
     loaded = set()
     files = _unquantized_weight_files(folder)
@@ -511,10 +533,7 @@ def quantize_folder(folder: str | os.PathLike, config, device: torch.device, tor
                     weight = tensor.to(device=device, dtype=torch_dtype or tensor.dtype)
                     layer.set_weight(weight)
                     loaded.update(f"{layer.name}.{key}" for key in layer.tensors())
-                    if "act_scale" in layer.tensors():
-                        layer.act_scale = torch.full((1, 1), float("nan") if config.activation_scale is None
-                                                     else config.activation_scale, device=device)
-                        layer.calibrated = config.activation_scale is not None
+                    init_act_scale(layer, config.activation_scale, device)
                     del tensor, weight
                     release_freed_memory()
                     continue

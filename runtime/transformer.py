@@ -96,13 +96,16 @@ class QuantizedTransformer(nn.Module):
                                          extra={"autoquant_plan": plan.to_dict()} if plan is not None else None)
         return self
 
-    def warmup(self, examples, progress: bool | None = None):
+    def warmup(self, examples, progress: bool | None = None, grad_mode: str = "no_grad", allow_new: bool = True):
         """Compile every example's shape bucket ahead of serving and save the graphs in the cache entry. Each
-        example is a dict of keyword arguments, a tuple of positional ones, or a tensor. Compiles with the
-        defaults first if compile() was not called. Returns a per-shape report (print it for a table)."""
+        example is a dict of keyword arguments, a tuple of positional ones, or a tensor. `grad_mode`: the
+        autograd mode serving runs in, "no_grad" (diffusers pipelines, transformers' generate), "inference_mode"
+        or "grad"; each is a separate graph. `allow_new=False` with compile(strict=True) checks a warm start:
+        a shape that was not warmed raises RecompileError. Compiles with the defaults first if compile() was not
+        called. Returns a per-shape report (print it for a table)."""
         if self._compiled is None:
             self.compile()
-        return self._compiled.warmup(examples, progress=progress)
+        return self._compiled.warmup(examples, progress=progress, grad_mode=grad_mode, allow_new=allow_new)
 
     @property
     def config(self):
@@ -141,7 +144,8 @@ class QuantizedTransformer(nn.Module):
                         overwrite: bool = False) -> None:
         """Save to a folder: safetensors shards of the stored tensors (packed codes, scales, unquantized
         parameters) and quantrt_config.json. Nothing is pickled. The folder is written beside `path` and
-        renamed into place; a non-empty `path` is replaced only with overwrite=True."""
+        renamed into place; a non-empty `path` is replaced only with overwrite=True and only if it is a
+        quantrt folder (has quantrt_config.json): any other folder is never deleted (FileExistsError)."""
         from . import __version__
         from .serialization import dtype_name, model_identity, save_folder
 

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
+from pathlib import Path
 
 import pytest
 
@@ -157,12 +159,38 @@ def test_a_second_commit_keeps_the_first_ones_shapes_and_files(tmp_path):
     assert len([f for f in manifest.files if f.startswith("artifacts-")]) == 2
 
 
-def test_working_copies_of_dead_processes_are_swept(tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = tmp_path / "work" / f"abc-{dead.stdout.strip()}-x"
-    (stale / "inductor").mkdir(parents=True)
-    entry = CacheEntry(FIELDS, root=tmp_path)
-    assert entry.work_dir.exists() and not stale.exists()
+HOLD_A_WORKING_COPY = textwrap.dedent("""
+    import sys, time
+    from quantrt.cache import CacheEntry
+    entry = CacheEntry({"model": sys.argv[2]}, root=sys.argv[1])
+    print(entry.work_dir, flush=True)
+    time.sleep(60)
+""")
+
+
+def test_only_working_copies_of_dead_processes_are_swept(tmp_path):
+    living = subprocess.Popen([sys.executable, "-c", HOLD_A_WORKING_COPY, str(tmp_path), "alive"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        alive = Path(living.stdout.readline().strip())
+        dead_run = subprocess.run([sys.executable, "-c", HOLD_A_WORKING_COPY.replace("time.sleep(60)", ""),
+                                   str(tmp_path), "dead"], capture_output=True, text=True)
+        dead = Path(dead_run.stdout.strip())
+        dead.mkdir(parents=True, exist_ok=True)  # as a killed process leaves it (atexit did not run)
+        (dead / "inductor").mkdir(exist_ok=True)
+        recent = tmp_path / "work" / "recent-1-x"
+        recent.mkdir()
+        old = time.time() - 3600
+        for folder in (alive, dead):
+            os.utime(folder, (old, old))
+        entry = CacheEntry(FIELDS, root=tmp_path)
+        assert entry.work_dir.exists()
+        assert not dead.exists(), "a dead process's old copy is removed"
+        assert alive.exists(), "a living process's copy is kept, however old"
+        assert recent.exists(), "a recent copy is kept: its owner may be on another host"
+    finally:
+        living.kill()
+        living.wait()
 
 
 COMMIT_IN_PROCESS = textwrap.dedent("""
@@ -200,3 +228,12 @@ def test_extra_metadata_is_kept_and_checksummed(tmp_path):
     (entry.path / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match="checksum does not match"):
         CacheEntry(FIELDS, root=tmp_path).verify()
+
+
+def test_tuning_picks_of_both_processes_are_kept(tmp_path):
+    warmed_entry(tmp_path)  # picks {"gpu|N=1": ...}
+    second = CacheEntry(FIELDS, root=tmp_path)
+    second.inductor_dir.mkdir(parents=True)
+    second.commit({}, None, {"gpu|N=2": {"BLOCK": 32}})
+    picks = json.loads((second.path / "tuning.json").read_text())
+    assert picks == {"gpu|N=1": {"BLOCK": 16}, "gpu|N=2": {"BLOCK": 32}}

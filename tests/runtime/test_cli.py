@@ -43,3 +43,31 @@ def test_console_script_help():
 def test_no_command_prints_help(capsys):
     assert main([]) == 2
     assert "commands:" in capsys.readouterr().out
+
+
+# prints the help, then which benchmark modules the command line loaded
+LOADED_BENCHMARKS = """
+import sys
+from quantrt.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+print("loaded:", sorted(m for m in sys.modules if m.startswith("quantrt.bench")))
+"""
+
+
+@pytest.mark.parametrize("argv, loaded, in_help", [
+    (["--help"], [], "bench compile"),
+    (["info", "--help"], [], "--device"),
+    (["bench", "--help"], ["quantrt.bench_common", "quantrt.bench_compile", "quantrt.bench_kernels",
+                           "quantrt.bench_model"], "cold compile against a warm start"),
+    (["bench", "kernels", "--help"], ["quantrt.bench_common", "quantrt.bench_compile", "quantrt.bench_kernels",
+                                      "quantrt.bench_model"], "--formats"),
+], ids=["top-level", "info", "bench", "bench-kernels"])
+def test_only_the_bench_command_imports_the_benchmarks(argv, loaded, in_help):
+    out = subprocess.run([sys.executable, "-c", LOADED_BENCHMARKS, *argv], capture_output=True, text=True,
+                         check=True).stdout
+    help_text, _, modules = out.rpartition("loaded: ")
+    assert in_help in help_text
+    assert modules.strip() == str(loaded)

@@ -85,7 +85,11 @@ def test_compiled_output_matches_eager(warmed, m):
 
 def test_a_fresh_process_loads_the_entry_without_compiling_again(warmed):
     cache, cold = warmed
+    entry = CacheEntry(cold["fields"], root=cache).path
+    before = {p.name: p.stat().st_mtime_ns for p in entry.iterdir()}
     fresh = run_fresh(cache, "1,7,33")
+    after = {p.name: p.stat().st_mtime_ns for p in entry.iterdir()}
+    assert after == before, "a run that compiled nothing new must leave the entry as it was"
     assert fresh["status"] == "loaded"
     for row, cold_row in zip(fresh["rows"], cold["rows"]):
         assert row["status"] == "warm", row
@@ -97,8 +101,40 @@ def test_a_fresh_process_loads_the_entry_without_compiling_again(warmed):
 def test_strict_mode_refuses_a_shape_that_was_not_warmed(warmed):
     cache, _ = warmed
     qt = quantized_mlp().compile(mode=MODE, cache_dir=cache, strict=True)
-    with pytest.raises(RecompileError, match=r"0=2x64 were not warmed.*Warmed shapes: .*0=7x64"):
+    with torch.no_grad(), pytest.raises(RecompileError, match=r"0=2x64 were not warmed.*Warmed shapes: .*0=7x64"):
         qt(torch.randn(2, 64))
+
+
+def test_strict_mode_still_lets_warmup_add_shapes(warmed):
+    cache, _ = warmed
+    qt = quantized_mlp().compile(mode=MODE, cache_dir=cache, strict=True)
+    report = qt.warmup([torch.randn(11, 64)], progress=False)
+    assert report[0].status == "cold"
+    with torch.no_grad():
+        qt(torch.randn(11, 64))
+    with torch.no_grad(), pytest.raises(RecompileError, match="0=12x64 were not warmed"):
+        qt(torch.randn(12, 64))
+
+
+def test_another_autograd_mode_is_another_graph_and_strict_says_so(tmp_path):
+    qt = quantized_mlp().compile(mode=MODE, cache=False, strict=True)
+    qt.warmup([torch.randn(3, 64)], progress=False)  # no_grad, as pipelines serve
+    with torch.no_grad():
+        qt(torch.randn(3, 64))
+    with pytest.raises(RecompileError, match=r"0=3x64 \[grad\] were not warmed.*serve under torch.no_grad"):
+        qt(torch.randn(3, 64))
+    with torch.inference_mode(), pytest.raises(RecompileError, match=r"\[inference_mode\]"):
+        qt(torch.randn(3, 64))
+    with pytest.raises(ValueError, match="grad_mode='training'"):
+        qt.warmup([torch.randn(3, 64)], grad_mode="training")
+
+
+def test_an_unusable_cache_folder_warns_and_compiles_without_it(tmp_path):
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    with pytest.warns(CacheWarning, match="compiling without the cache"):
+        qt = quantized_mlp().compile(mode=MODE, cache_dir=not_a_folder)
+    assert qt._compiled.entry is None
 
 
 def test_a_changed_scheme_or_model_makes_a_new_entry():
@@ -114,9 +150,10 @@ def test_a_corrupt_entry_is_rebuilt(tmp_path):
     qt = quantized_mlp().compile(mode=MODE, cache_dir=tmp_path)
     qt.warmup([torch.randn(3, 64)], progress=False)
     entry = qt._compiled.entry
-    so = next((entry.path / "inductor").rglob("*.so"))
-    so.write_bytes(so.read_bytes()[:100])  # truncated
-    with pytest.warns(CacheWarning, match=r"\.so does not match its checksum"):
+    # the largest file: the compiled kernels, or the FX graph entry where this process had them in memory
+    victim = max((p for p in (entry.path / "inductor").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[:100])  # truncated
+    with pytest.warns(CacheWarning, match=rf"{victim.name} does not match its checksum"):
         again = quantized_mlp().compile(mode=MODE, cache_dir=tmp_path)
     report = again.warmup([torch.randn(3, 64)], progress=False)
     assert again._compiled.entry.status == "rebuilt" and report[0].status == "cold"
@@ -282,3 +319,24 @@ def test_bench_compile_reports_each_configuration(tmp_path, monkeypatch):
     assert len(calls) == 4 and sum("--regional" in c for c in calls) == 2
     assert [row[7] for row in out.rows] == ["5.0%", "5.0%"] and not out.failures
     assert "< 20%: met" in out.markdown.read_text() and "cold compile s" in out.csv.read_text()
+
+
+def test_cli_warmup_of_a_saved_folder_then_check(tmp_path):
+    """`quantrt warmup FOLDER`: the model as from_pretrained loads it (dtype and backends as stored), so the
+    serving process's fingerprint is the same: checked by `from_pretrained(FOLDER).compile()` finding the entry."""
+    from quantrt.models import build_flux
+
+    model = build_flux("tiny", dtype=torch.float32)
+    QuantizedTransformer.from_model(model, QuantConfig("int4wo", group_size=32, backend="reference"),
+                                    progress=False).save_pretrained(tmp_path / "flux-int4")
+    command = [sys.executable, "-m", "quantrt.cli", "warmup", str(tmp_path / "flux-int4"), "--mode", MODE,
+               "--cache-dir", str(tmp_path / "cache"), "--shape", "16x4"]
+    cold = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert cold.returncode == 0, cold.stderr[-3000:]
+    assert "1 shape(s) compiled" in cold.stdout
+    check = subprocess.run(command + ["--check"], capture_output=True, text=True, timeout=900)
+    assert check.returncode == 0, check.stdout[-2000:] + check.stderr[-3000:]
+    assert "misses 0, recompiles 0" in check.stdout
+    serving = QuantizedTransformer.from_pretrained(tmp_path / "flux-int4").compile(mode=MODE,
+                                                                                  cache_dir=tmp_path / "cache")
+    assert serving._compiled.entry.status == "loaded"

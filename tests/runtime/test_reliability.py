@@ -591,6 +591,55 @@ def test_replacing_a_folder_without_an_atomic_exchange(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["q"]
 
 
+@pytest.mark.parametrize("exchange", ["atomic", "two-renames"])
+@pytest.mark.parametrize("contents", ["user-files", "model-files-without-config"])
+def test_overwrite_never_deletes_a_folder_that_is_not_quantrt(tmp_path, monkeypatch, exchange, contents):
+    if exchange == "two-renames":
+        monkeypatch.setattr(serialization, "_exchange", lambda a, b: False)
+    target = tmp_path / "models"
+    target.mkdir()
+    if contents == "user-files":
+        (target / "notes.txt").write_text("mine")
+        (target / "flux").mkdir()
+        (target / "flux" / "model.safetensors").write_bytes(b"weights")
+    else:  # a diffusers/transformers folder: safetensors and config.json, but no quantrt_config.json
+        (target / "config.json").write_text("{}")
+        (target / "model.safetensors").write_bytes(b"weights")
+    before = {str(p.relative_to(target)): p.read_bytes() for p in target.rglob("*") if p.is_file()}
+    with pytest.raises(FileExistsError, match=r"models is not empty and does not look like a quantrt folder"):
+        quantized_mlp(0).save_pretrained(target, overwrite=True)
+    assert {str(p.relative_to(target)): p.read_bytes() for p in target.rglob("*") if p.is_file()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["models"]  # no staging folder left behind
+
+
+def test_overwrite_replaces_a_quantrt_folder_and_fills_an_empty_one(tmp_path):
+    old, new = quantized_mlp(0), quantized_mlp(1)
+    x = torch.randn(3, 256)
+    old.save_pretrained(tmp_path / "q")
+    new.save_pretrained(tmp_path / "q", overwrite=True)
+    torch.testing.assert_close(load(tmp_path / "q")(x), new(x), rtol=0, atol=0)
+    (tmp_path / "empty").mkdir()
+    new.save_pretrained(tmp_path / "empty", overwrite=True)
+    torch.testing.assert_close(load(tmp_path / "empty")(x), new(x), rtol=0, atol=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "q"]
+
+
+@pytest.mark.parametrize("exchange", ["atomic", "two-renames"])
+def test_overwrite_through_a_symlink_replaces_the_folder_it_points_at(tmp_path, monkeypatch, exchange):
+    if exchange == "two-renames":
+        monkeypatch.setattr(serialization, "_exchange", lambda a, b: False)
+    old, new = quantized_mlp(0), quantized_mlp(1)
+    x = torch.randn(3, 256)
+    (tmp_path / "store").mkdir()
+    real, link = tmp_path / "store" / "q", tmp_path / "q-link"
+    old.save_pretrained(real)
+    link.symlink_to(real, target_is_directory=True)
+    new.save_pretrained(link, overwrite=True)
+    assert link.is_symlink() and link.resolve() == real.resolve()
+    torch.testing.assert_close(load(link)(x), new(x), rtol=0, atol=0)
+    assert [p.name for p in (tmp_path / "store").iterdir()] == ["q"]  # the old folder was removed, nothing else
+
+
 # --- 4. security ------------------------------------------------------------------------------------------
 
 UNPICKLERS = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib", "shelve", "marshal"}

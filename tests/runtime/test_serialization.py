@@ -89,9 +89,14 @@ def test_existing_folder_is_not_overwritten_silently(tmp_path):
     (target / "precious.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="overwrite=True"):
         qt.save_pretrained(target)
-    assert (target / "precious.txt").read_text() == "mine"
-    qt.save_pretrained(target, overwrite=True)
-    assert not (target / "precious.txt").exists() and (target / CONFIG_NAME).exists()
+    # not a quantrt folder: even overwrite=True leaves it alone
+    with pytest.raises(FileExistsError, match="does not look like a quantrt folder"):
+        qt.save_pretrained(target, overwrite=True)
+    assert [p.name for p in target.iterdir()] == ["precious.txt"] and (target / "precious.txt").read_text() == "mine"
+    (target / "precious.txt").unlink()
+    qt.save_pretrained(target)
+    qt.save_pretrained(target, overwrite=True)  # a quantrt folder is replaced
+    assert (target / CONFIG_NAME).exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
 
 
@@ -176,3 +181,24 @@ def test_quantize_on_load_streams_a_diffusers_folder(tmp_path):
     assert main(["quantize", str(tmp_path / "unquantized"), str(tmp_path / "q"), "--scheme", "int4wo"]) == 0
     loaded = QuantizedTransformer.from_pretrained(tmp_path / "q", backend="reference")
     torch.testing.assert_close(loaded(**inputs)[0], expected(**inputs)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("activation_scale", [0.02, None], ids=["given", "uncalibrated"])
+def test_quantize_on_load_sets_the_static_activation_scale(tmp_path, activation_scale):
+    def skeleton():
+        return nn.Sequential(nn.Linear(64, 32), nn.GELU(), nn.Linear(32, 16))
+
+    model = skeleton()
+    save_file(model.state_dict(), tmp_path / "model.safetensors")
+    config = QuantConfig("float8_static_activation_float8_weight", backend="reference",
+                         activation_scale=activation_scale)
+    expected = QuantizedTransformer.from_model(model, config, progress=False)
+    loaded = QuantizedTransformer.from_pretrained(tmp_path, model=skeleton, quantization=config, progress=False)
+    for name in ("0", "2"):
+        layer, reference = loaded.model.get_submodule(name), expected.model.get_submodule(name)
+        assert layer.act_scale.dtype == torch.float32 and layer.act_scale.shape == (1, 1)
+        torch.testing.assert_close(layer.act_scale, reference.act_scale, rtol=0, atol=0, equal_nan=True)
+        assert layer.calibrated == reference.calibrated == (activation_scale is not None)
+    if activation_scale is not None:
+        x = torch.randn(5, 64)
+        torch.testing.assert_close(loaded(x), expected(x), rtol=0, atol=0)
