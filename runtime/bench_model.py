@@ -21,15 +21,27 @@ of the compiled forward. quantrt uses backend="auto" (its Triton kernels for wei
 torchao quantizes the same layers (those the scheme can store), without its Inductor settings
 (set_inductor_config=False: quantrt never changes global Inductor settings, and both sides compile alike).
 
+Autoquant (issue 9; `--no-autoquant` leaves it out): per model, one more row, scheme "autoquant" provider
+"quantrt": a freshly built model goes through `quantrt.autoquant` on the inputs the benchmark times (so the
+layers are measured at the shapes timed), choosing per Linear layer among `--autoquant-candidates` (default:
+the run's schemes; in the CPU smoke run the first two) within `--autoquant-max-error` (the relative L2 error
+each layer's output may add, default 0.05), objective speed, with autoquant's default timer; then it is
+measured exactly like the fixed-scheme rows. Its plan is written as JSON next to the results
+(`<stem>-<model>-autoquant-plan.json`, `quantrt.AutoquantPlan.from_json` reads it) and the markdown counts
+the layers per chosen scheme and backend. Measuring takes a while on a large model: every candidate through
+every backend that can serve it, on every layer.
+
 Targets (issue 7): every weight-only scheme, through quantrt, at least as fast as bf16 when both are
-compiled; the best quantrt scheme >= 1.4x bf16 compiled. Without CUDA (or with --cpu-smoke) a reduced run
-checks the benchmark itself: the tiny FLUX and Llama configs, few schemes, a CPU timer, nothing compiled
-unless `--compile` is given.
+compiled; the best quantrt scheme >= 1.4x bf16 compiled. Reported, not a target: whether autoquant's compiled
+forward is faster than every fixed quantrt scheme's, with the errors side by side. Without CUDA (or with
+--cpu-smoke) a reduced run checks the benchmark itself: the tiny FLUX and Llama configs, few schemes, a CPU
+timer, nothing compiled unless `--compile` is given.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import importlib.util
 import sys
@@ -43,9 +55,10 @@ import torch
 import torch.nn as nn
 
 from . import bench_common as bc
+from .autoquant import autoquant
 from .bench_common import Outputs, TargetResult
 from .compile import repeated_blocks
-from .config import QuantConfig
+from .config import AUTOQUANT_MAX_ERROR, QuantConfig
 from .metrics import relative_error
 from .models import FLUX_SIZES, FLUX_TOKENS, LLM_SIZES, build_flux, build_llm, flux_inputs
 from .schemes import Scheme, resolve_scheme
@@ -57,6 +70,8 @@ SMOKE_SCHEMES = ("int8wo", "int4wo", "fp6_e3m2")
 PROVIDERS = ("quantrt", "torchao")
 BASELINE = "bf16"
 TARGET_BEST_SPEEDUP = 1.4
+AUTOQUANT = "autoquant"  # the autoquant row's scheme column
+AUTOQUANT_SMOKE_CANDIDATES = 2  # the CPU smoke run's default candidates: the first two of its schemes
 
 
 class ModelSkip(Exception):
@@ -98,6 +113,22 @@ CSV_HEADERS = [f.name for f in fields(Row)]
 TABLE_HEADERS = ["model", "scheme", "provider", "backends / config", "eager ms", "compiled ms", "eager speed-up",
                  "compiled speed-up", "peak GB eager", "peak GB compiled", "weight GB", "rel. err eager",
                  "rel. err compiled", "compile s", "note"]
+
+
+@dataclass
+class AutoquantOptions:
+    """How the autoquant row runs: its candidates (scheme names), the error budget per layer, the results'
+    path without suffix (plans go to <stem>-<model>-autoquant-plan.json), the default timer's repeats, and
+    whether autoquant shows a progress bar (None: on a terminal)."""
+
+    candidates: list[str]
+    max_error: float
+    stem: Path
+    repeats: int = 5
+    progress: bool | None = None
+
+    def plan_path(self, model: str) -> Path:
+        return self.stem.with_name(f"{self.stem.name}-{model}-{AUTOQUANT}-plan.json")
 
 
 def _table_row(r: Row) -> list[str]:
@@ -142,6 +173,31 @@ def _quantize_quantrt(model: nn.Module, scheme: Scheme, inputs: dict) -> tuple[n
     kept = sum(not r.quantized for r in qt.summary())
     detail = ", ".join(f"{b} x{n}" for b, n in used.items()) + (f", {kept} kept bf16" if kept else "")
     return qt.model, detail
+
+
+def _counts(counter: Counter) -> str:
+    return ", ".join(f"{name} x {count}" for name, count in counter.most_common())
+
+
+def _autoquant_model(case: ModelCase, inputs: dict[str, Any], options: AutoquantOptions, row: Row) -> nn.Module:
+    """A fresh model through quantrt.autoquant on the benchmark's inputs; writes the plan as JSON, puts the
+    layers per chosen scheme (and backend) in row.detail and the measuring time and plan file in row.note."""
+    model = case.build()
+    start = time.perf_counter()
+    qt = autoquant(model, [inputs], candidates=options.candidates, max_error=options.max_error,
+                   repeats=options.repeats, progress=options.progress)
+    seconds = time.perf_counter() - start
+    plan = qt.autoquant_plan
+    path = options.plan_path(case.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(plan.to_json())
+    chosen = [layer.chosen for layer in plan.layers.values()]
+    # Trial.label is "int4wo(g64)/torchao"; the scheme is what precedes the backend
+    schemes = Counter(t.label.rsplit("/", 1)[0] if t and t.scheme else "full precision" for t in chosen)
+    backends = Counter(t.backend for t in chosen if t and t.scheme)
+    row.detail = f"{len(chosen)} layers: {_counts(schemes)}" + (f" (backends {_counts(backends)})" if backends else "")
+    row.note = f"plan measured in {seconds:.1f} s: {path.name}"
+    return qt.model
 
 
 def _quantize_torchao(model: nn.Module, scheme: Scheme, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, str]:
@@ -230,9 +286,10 @@ def _release(device: torch.device) -> None:
 
 def run_case(case: ModelCase, schemes: Sequence[str], providers: Sequence[str], device: torch.device,
              dtype: torch.dtype, repeats: int, compile_mode: str | None, regional: bool,
-             echo: Callable[[str], None] = print, on_row: Callable[[Row], None] = lambda row: None) -> list[Row]:
-    """bf16 first (its eager output is the reference), then each (scheme, provider) on a fresh model.
-    `on_row` sees each row as soon as it is final."""
+             echo: Callable[[str], None] = print, on_row: Callable[[Row], None] = lambda row: None,
+             autoquant_options: AutoquantOptions | None = None) -> list[Row]:
+    """bf16 first (its eager output is the reference), then each (scheme, provider) on a fresh model, then
+    (with `autoquant_options`) the autoquant row. `on_row` sees each row as soon as it is final."""
     echo(f"{case.name}: {case.description}")
     base = Row(case.name, BASELINE, "torch", detail=f"{str(dtype).removeprefix('torch.')}, unquantized")
     model = None
@@ -258,38 +315,60 @@ def run_case(case: ModelCase, schemes: Sequence[str], providers: Sequence[str], 
         scheme = resolve_scheme(name)
         for provider in providers:
             row = Row(case.name, scheme.name, provider)
-            model = None
-            try:
-                model = case.build()
-                if provider == "quantrt":
-                    model, row.detail = _quantize_quantrt(model, scheme, inputs)
-                else:
-                    model, row.detail = _quantize_torchao(model, scheme, device, dtype)
-                measure(row, case, model, inputs, device, reference, repeats, compile_mode, regional)
-                row.eager_speedup = base.eager_ms / row.eager_ms
-                if row.compiled_ms and base.compiled_ms:
-                    row.compiled_speedup = base.compiled_ms / row.compiled_ms
-            except ModelSkip as e:
-                row.note = f"skipped: {e}"
-            except Exception as e:  # one failing (scheme, provider) is reported, the run goes on
-                row.note = f"FAILED: {type(e).__name__}: {e}"[:300]
-            finally:
-                del model
-                _release(device)
-            rows.append(row)
-            on_row(row)
-            timing = (f"eager {row.eager_ms:.2f} ms" + (f", compiled {row.compiled_ms:.2f} ms" if row.compiled_ms else "")
-                      if row.eager_ms else row.note)
-            echo(f"  {scheme.name:14} {provider:8} {timing}")
+            quantized = functools.partial(_fixed_scheme_model, case, scheme, provider, inputs, device, dtype, row)
+            rows.append(_timed_row(row, quantized, case, inputs, device, base, reference, repeats, compile_mode,
+                                   regional, echo, on_row))
+    if autoquant_options is not None:
+        row = Row(case.name, AUTOQUANT, "quantrt")
+        quantized = functools.partial(_autoquant_model, case, inputs, autoquant_options, row)
+        rows.append(_timed_row(row, quantized, case, inputs, device, base, reference, repeats, compile_mode,
+                               regional, echo, on_row))
     return rows
+
+
+def _fixed_scheme_model(case: ModelCase, scheme: Scheme, provider: str, inputs: dict[str, Any],
+                        device: torch.device, dtype: torch.dtype, row: Row) -> nn.Module:
+    """A fresh model quantized with `scheme` through `provider`; row.detail says how."""
+    model = case.build()
+    if provider == "quantrt":
+        model, row.detail = _quantize_quantrt(model, scheme, inputs)
+    else:
+        model, row.detail = _quantize_torchao(model, scheme, device, dtype)
+    return model
+
+
+def _timed_row(row: Row, quantized: Callable[[], nn.Module], case: ModelCase, inputs: dict[str, Any],
+               device: torch.device, base: Row, reference: torch.Tensor, repeats: int, compile_mode: str | None,
+               regional: bool, echo: Callable[[str], None], on_row: Callable[[Row], None]) -> Row:
+    """Measure the model `quantized()` builds into `row` (a failure or skip goes in its note), then free it."""
+    model = None
+    try:
+        model = quantized()
+        measure(row, case, model, inputs, device, reference, repeats, compile_mode, regional)
+        row.eager_speedup = base.eager_ms / row.eager_ms
+        if row.compiled_ms and base.compiled_ms:
+            row.compiled_speedup = base.compiled_ms / row.compiled_ms
+    except ModelSkip as e:
+        row.note = f"skipped: {e}"
+    except Exception as e:  # one failing (scheme, provider) is reported, the run goes on
+        row.note = f"FAILED: {type(e).__name__}: {e}"[:300]
+    finally:
+        del model
+        _release(device)
+    on_row(row)
+    timing = (f"eager {row.eager_ms:.2f} ms" + (f", compiled {row.compiled_ms:.2f} ms" if row.compiled_ms else "")
+              if row.eager_ms else row.note)
+    echo(f"  {row.scheme:14} {row.provider:8} {timing}")
+    return row
 
 
 def check_targets(rows: Sequence[Row]) -> list[TargetResult]:
     """Per model: every weight-only scheme through quantrt >= bf16 compiled speed; the best quantrt scheme
-    >= 1.4x bf16 compiled."""
+    >= 1.4x bf16 compiled; where there is an autoquant row, how it compares with the fixed schemes
+    (informational, `autoquant_comparison`)."""
     results = []
     for model in dict.fromkeys(r.model for r in rows):
-        ours = [r for r in rows if r.model == model and r.provider == "quantrt"]
+        ours = [r for r in rows if r.model == model and r.provider == "quantrt" and r.scheme != AUTOQUANT]
         timed = [r for r in ours if r.compiled_speedup is not None]
         weight_only = [r for r in timed if resolve_scheme(r.scheme).weight_only]
         text = f"{model}: every weight-only scheme (quantrt) >= bf16, compiled"
@@ -310,7 +389,38 @@ def check_targets(rows: Sequence[Row]) -> list[TargetResult]:
             best = max(timed, key=lambda r: r.compiled_speedup)
             results.append(TargetResult(text, "met" if best.compiled_speedup >= TARGET_BEST_SPEEDUP else "NOT met",
                                         f"best {best.scheme} {best.compiled_speedup:.2f}x"))
+        auto = next((r for r in rows if r.model == model and r.scheme == AUTOQUANT), None)
+        if auto is not None:
+            results.append(autoquant_comparison(auto, ours))
     return results
+
+
+def autoquant_comparison(auto: Row, fixed: Sequence[Row]) -> TargetResult:
+    """Whether the autoquant row's compiled forward is faster than every fixed quantrt scheme's, with each
+    one's time and error against bf16 (compiled; eager numbers in the detail where nothing was compiled).
+    Informational: status "yes", "no" or "not measured"."""
+    text = f"{auto.model}: autoquant faster than every fixed quantrt scheme, compiled (informational)"
+
+    def point(r: Row, compiled: bool) -> str:
+        ms, error = (r.compiled_ms, r.error_compiled) if compiled else (r.eager_ms, r.error_eager)
+        return f"{r.scheme} {bc.cell(ms, 4)} ms err {'-' if error is None else f'{error:.2%}'}"
+
+    if auto.eager_ms is None:
+        return TargetResult(text, "not measured", f"autoquant row: {auto.note or 'not timed'}")
+    compiled = auto.compiled_ms is not None
+    timed = [r for r in fixed if (r.compiled_ms if compiled else r.eager_ms) is not None]
+    untimed = [r.scheme for r in fixed if r not in timed]
+    detail = "; ".join([point(auto, compiled), *(point(r, compiled) for r in timed)])
+    detail += f"; not timed: {', '.join(untimed)}" if untimed else ""
+    if not compiled or not timed:
+        why = "not compiled, eager: " if not compiled else "no fixed scheme timed compiled; "
+        return TargetResult(text, "not measured", why + detail)
+    slower_than = [r.scheme for r in timed if r.compiled_ms <= auto.compiled_ms]
+    lower_error = [r.scheme for r in timed if r.error_compiled is not None and auto.error_compiled is not None
+                   and r.error_compiled < auto.error_compiled]
+    detail += f"; not faster than: {', '.join(slower_than)}" if slower_than else ""
+    detail += f"; lower error: {', '.join(lower_error)}" if lower_error else "; no fixed scheme has a lower error"
+    return TargetResult(text, "no" if slower_than else "yes", detail)
 
 
 def plot_speedups(rows: Sequence[Row], path: Path, title: str) -> Path | None:
@@ -345,6 +455,21 @@ def plot_speedups(rows: Sequence[Row], path: Path, title: str) -> Path | None:
     return path
 
 
+def autoquant_lines(rows: Sequence[Row], options: AutoquantOptions | None) -> list[str]:
+    """The markdown's autoquant section: per model, the layers per chosen scheme and backend, how long
+    measuring took and the plan file (or why there is none)."""
+    if options is None:
+        return []
+    lines = ["", "## Autoquant", "",
+             f"Per layer, the fastest of {', '.join(options.candidates)} (each through every backend that can "
+             f"serve it) whose output error on the timed inputs is at most {options.max_error:.2%}, else full "
+             f"precision. The plan (every candidate's time, error and bytes per layer) is the JSON file named.", ""]
+    for r in rows:
+        if r.scheme == AUTOQUANT:
+            lines.append(f"- {r.model}: " + "; ".join(part for part in (r.detail, r.note) if part))
+    return lines
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated: flux, llm (default: both)")
     parser.add_argument("--schemes", help=f"comma-separated schemes (default: {','.join(SCHEMES)}; CPU smoke: "
@@ -363,6 +488,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--regional", action="store_true",
                         help="compile only the repeated blocks (FLUX's transformer blocks, Llama's decoder layers), "
                              "each with fullgraph=True and the same mode: minutes less compilation")
+    parser.add_argument("--autoquant", action=argparse.BooleanOptionalAction, default=True,
+                        help="add an autoquant row per model: quantrt.autoquant on the timed inputs, its plan "
+                             "written as <results>-<model>-autoquant-plan.json (default: yes)")
+    parser.add_argument("--autoquant-candidates",
+                        help=f"comma-separated schemes autoquant chooses among per layer (default: the run's "
+                             f"schemes; CPU smoke: the first {AUTOQUANT_SMOKE_CANDIDATES} of them)")
+    parser.add_argument("--autoquant-max-error", type=float, default=AUTOQUANT_MAX_ERROR,
+                        help="the relative L2 error each layer's output may add under autoquant (default: "
+                             "%(default)s)")
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="reduced CPU run that checks the benchmark works (automatic without CUDA)")
     parser.add_argument("--out-dir", type=Path, help="results folder (default: benchmarks/results; a temporary "
@@ -379,6 +513,23 @@ def _names(text: str, allowed: Sequence[str], what: str) -> list[str]:
     return names
 
 
+def _autoquant_candidates(args: argparse.Namespace, schemes: Sequence[str], smoke: bool) -> list[str]:
+    """The autoquant row's candidates, after checking them and --autoquant-max-error."""
+    if not args.autoquant_candidates:
+        candidates = list(schemes[:AUTOQUANT_SMOKE_CANDIDATES] if smoke else schemes)
+    else:
+        try:
+            candidates = [resolve_scheme(s).name for s in args.autoquant_candidates.split(",") if s.strip()]
+            QuantConfig(AUTOQUANT, candidates=candidates)
+        except ValueError as e:
+            raise ValueError(f"--autoquant-candidates: {e}") from e
+    try:
+        QuantConfig(AUTOQUANT, candidates=candidates, max_error=args.autoquant_max_error)
+    except ValueError as e:
+        raise ValueError(f"--autoquant-max-error: {e}") from e
+    return candidates
+
+
 def run(args: argparse.Namespace, prog: str, argv: Sequence[str], echo: Callable[[str], None] = print) -> Outputs[Row]:
     """Run the model benchmark as `args` say and write its markdown, CSV and PNG."""
     device = bc.pick_device(args.cpu_smoke, echo)
@@ -389,6 +540,7 @@ def run(args: argparse.Namespace, prog: str, argv: Sequence[str], echo: Callable
                                                  SMOKE_SCHEMES if smoke else SCHEMES) if s.strip()]
     if args.llm_tokens < 1 or args.llm_batch < 1:
         raise ValueError("--llm-tokens and --llm-batch must be at least 1")
+    candidates = _autoquant_candidates(args, schemes, smoke) if args.autoquant else None
     run_info = bc.Run.create("model", device, prog, argv, args.out_dir)
     dtype = torch.bfloat16
     repeats = args.repeats or (1 if smoke else 10)
@@ -398,6 +550,8 @@ def run(args: argparse.Namespace, prog: str, argv: Sequence[str], echo: Callable
     rows: list[Row] = []
     descriptions = []
     stem = run_info.stem
+    autoquant_options = (AutoquantOptions(candidates, args.autoquant_max_error, stem, repeats=1 if smoke else 5,
+                                          progress=False if smoke else None) if args.autoquant else None)
     with (bc.smoke_threads(smoke), bc.private_tuning_table(device, args.tuning_file) as tuning,
           bc.CsvLog(stem.with_suffix(".csv"), CSV_HEADERS) as csv_log):
         echo(f"writing {csv_log.path} as models are measured")
@@ -413,7 +567,7 @@ def run(args: argparse.Namespace, prog: str, argv: Sequence[str], echo: Callable
                 continue
             descriptions.append(f"- {name}: {case.description}")
             rows += run_case(case, schemes, providers, device, dtype, repeats, compile_mode, args.regional, echo,
-                             csv_log.write)
+                             csv_log.write, autoquant_options)
     targets = check_targets(rows)
     where = bc.describe_device(device).split(",")[0]
     plot = plot_speedups(rows, stem.with_suffix(".png"), f"quantrt end to end on {where}: speed-up over bf16")
@@ -429,10 +583,14 @@ def run(args: argparse.Namespace, prog: str, argv: Sequence[str], echo: Callable
               "- rel. err = ||y - y_bf16|| / ||y_bf16|| against the bf16 model's eager output; peak GB = "
               "torch.cuda.max_memory_allocated over the timed forwards (weights included); weight GB = every "
               "parameter and buffer as stored",
+              "- autoquant: " + (f"candidates {', '.join(candidates)}, max_error {args.autoquant_max_error:g} per "
+                                 f"layer (relative L2 error of its output on the timed inputs), objective speed"
+                                 if candidates else "off (--no-autoquant)"),
               "", "## Targets", "",
               format_table(["target", "status", "detail"], [[t.target, t.status, t.detail] for t in targets]),
               "", "## Results", "",
               format_table(TABLE_HEADERS, [_table_row(r) for r in rows]),
+              *autoquant_lines(rows, autoquant_options),
               "", f"Plot: `{plot.name}`" if plot else f"Plot: none, {bc.PLOT_MISSING}"]
     markdown = bc.write_text(stem.with_suffix(".md"), lines)
     csv_path = csv_log.path

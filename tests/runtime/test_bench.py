@@ -4,11 +4,13 @@ not checked, except that every provider computes the same linear (relative error
 
 import csv
 import importlib.util
+from collections import Counter
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from quantrt import AutoquantPlan
 from quantrt import bench_common as bc
 from quantrt import bench_kernels, bench_model
 from quantrt.cli import main
@@ -112,13 +114,13 @@ def test_model_smoke_rows_and_files(tmp_path):
     assert list(rows[0]) == bench_model.CSV_HEADERS
     got = [(r["model"], r["scheme"], r["provider"]) for r in rows]
     flux = [("flux", "bf16", "torch"), ("flux", "int8wo", "quantrt"), ("flux", "int8wo", "torchao"),
-            ("flux", "fp6_e3m2", "quantrt"), ("flux", "fp6_e3m2", "torchao")]
-    assert got[:5] == flux
+            ("flux", "fp6_e3m2", "quantrt"), ("flux", "fp6_e3m2", "torchao"), ("flux", "autoquant", "quantrt")]
+    assert got[:6] == flux
     if importlib.util.find_spec("transformers") is None:
-        assert got[5:] == [("llm", "bf16", "torch")]
-        assert rows[5]["note"] == "skipped: transformers is not installed (pip install transformers)"
+        assert got[6:] == [("llm", "bf16", "torch")]
+        assert rows[6]["note"] == "skipped: transformers is not installed (pip install transformers)"
     else:
-        assert got[5:] == [("llm", *key[1:]) for key in flux]
+        assert got[6:] == [("llm", *key[1:]) for key in flux]
     by_key = {key: r for key, r in zip(got, rows)}
     assert by_key[("flux", "fp6_e3m2", "torchao")]["note"].startswith("skipped: torchao")
     for key in [("flux", "int8wo", "quantrt"), ("flux", "int8wo", "torchao"), ("flux", "fp6_e3m2", "quantrt")]:
@@ -129,11 +131,53 @@ def test_model_smoke_rows_and_files(tmp_path):
     results = _section(markdown, "Results")
     assert len(results) == 2 + len(rows)
     assert _cells(results[0]) == bench_model.TABLE_HEADERS
+    autoquant_rows = [r for r in rows if r["scheme"] == "autoquant"]
     targets = _section(markdown, "Targets")
-    assert len(targets) == 2 + 4 and all("not measured" in line for line in targets[2:])
+    assert len(targets) == 2 + 4 + len(autoquant_rows) and all("not measured" in line for line in targets[2:])
     assert "command: `quantrt bench model --cpu-smoke" in markdown
+    for row in autoquant_rows:
+        _check_autoquant_row(row, markdown_path, markdown)
     if not HAS_MATPLOTLIB:
         assert "matplotlib is not installed" in markdown
+
+
+def _linear_names(model: str) -> set[str]:
+    from quantrt.models import build_flux, build_llm
+
+    module = build_flux("tiny") if model == "flux" else build_llm("tiny")
+    return {name for name, m in module.named_modules() if type(m) is torch.nn.Linear}
+
+
+def _check_autoquant_row(row, markdown_path, markdown) -> None:
+    """The autoquant row is timed like the others (or skipped with its reason), and its plan file chooses,
+    for every Linear layer of the model, one of the smoke run's two candidates within 5% or full precision."""
+    assert not row["note"].startswith("FAILED"), row
+    if not row["eager_ms"]:
+        assert row["note"].startswith("skipped: "), row
+        return
+    assert 0 < float(row["error_eager"]) < 0.1, row
+    # not compared with bf16's: the backends autoquant picks by (noisy CPU) time store differently, and a
+    # layer served by quanto keeps quantrt's codes and quanto's copy of them
+    assert float(row["weight_gb"]) > 0, row
+    plan_path = markdown_path.with_name(f"{markdown_path.stem}-{row['model']}-autoquant-plan.json")
+    plan = AutoquantPlan.from_json(plan_path.read_text())
+    assert set(plan.layers) == _linear_names(row["model"])
+    assert [c["scheme"] for c in plan.candidates] == ["int8wo", "fp6_e3m2"] and plan.max_error == 0.05
+    chosen = Counter()
+    for name, layer in plan.layers.items():
+        trial = layer.chosen
+        if trial is None:
+            assert layer.reason, name
+            chosen["full precision"] += 1
+        else:
+            assert trial.scheme in ("int8wo", "fp6_e3m2") and 0 <= trial.error <= 0.05, (name, trial)
+            chosen[trial.scheme] += 1
+    assert chosen["int8wo"] > 0  # int8 weights err ~0.5% per layer, fp6 (reference only on CPU) ~10x slower
+    assert row["detail"].startswith(f"{len(plan.layers)} layers: ")
+    for scheme, count in chosen.items():
+        assert f"{scheme} x {count}" in row["detail"], row
+    assert f"- {row['model']}: {row['detail']}; plan measured in " in markdown
+    assert plan_path.name in markdown
 
 
 def _kernel_row(fmt, n, k, m, speedup, hbm_fraction, provider="quantrt"):
@@ -173,6 +217,41 @@ def test_model_targets():
     assert best.status == "NOT met"
 
 
+def test_model_autoquant_comparison_is_reported_not_judged():
+    def row(scheme, ms, error, provider="quantrt"):
+        return bench_model.Row("flux", scheme, provider, eager_ms=2 * ms, compiled_ms=ms, compiled_speedup=2.0 / ms,
+                               error_eager=error, error_compiled=error)
+
+    auto = row("autoquant", 0.9, 0.02)
+    rows = [row("bf16", 2.0, None, "torch"), row("int8wo", 1.0, 0.01), row("int4wo", 0.95, 0.05),
+            row("int4wo", 0.5, 0.05, "torchao"), auto]  # torchao's row is no fixed quantrt scheme
+    every, best, comparison = bench_model.check_targets(rows)
+    assert "slowest int8wo 2.00x" in every.detail and "best int4wo 2.11x" in best.detail  # autoquant: no scheme
+    assert comparison.status == "yes" and "(informational)" in comparison.target
+    assert comparison.detail.startswith("autoquant 0.9 ms err 2.00%; int8wo 1 ms err 1.00%; int4wo 0.95 ms err")
+    assert comparison.detail.endswith("; lower error: int8wo")
+    auto.compiled_ms = 0.97
+    comparison = bench_model.check_targets(rows)[2]
+    assert comparison.status == "no" and "not faster than: int4wo" in comparison.detail
+    auto.compiled_ms = auto.error_compiled = None
+    comparison = bench_model.check_targets(rows)[2]
+    assert comparison.status == "not measured" and comparison.detail.startswith("not compiled, eager: autoquant 1.8 ms")
+    failed = bench_model.Row("flux", "autoquant", "quantrt", note="FAILED: RuntimeError: out of memory")
+    comparison = bench_model.check_targets([*rows[:4], failed])[2]
+    assert comparison.status == "not measured" and "out of memory" in comparison.detail
+
+
+def test_model_smoke_without_autoquant(tmp_path):
+    argv = ["bench", "model", "--cpu-smoke", "--out-dir", str(tmp_path), "--models", "flux", "--schemes", "int8wo",
+            "--providers", "quantrt", "--no-autoquant"]
+    assert main(argv) == 0
+    markdown = next(tmp_path.glob("*.md")).read_text()
+    rows = _read_csv(next(tmp_path.glob("*.csv")))
+    assert [(r["scheme"], r["provider"]) for r in rows] == [("bf16", "torch"), ("int8wo", "quantrt")]
+    assert not list(tmp_path.glob("*.json")) and "## Autoquant" not in markdown
+    assert "- autoquant: off (--no-autoquant)" in markdown and len(_section(markdown, "Targets")) == 2 + 2
+
+
 def test_rotation_copies_exceed_twice_l2():
     l2 = 50 * 2**20
     for nbytes in (1, 1 << 20, 5 * 2**20, 60 * 2**20, 2**30):
@@ -207,7 +286,11 @@ def test_stored_bytes_counts_tensor_subclasses_by_their_inner_tensors():
     (["bench", "kernels", "--cpu-smoke", "--shapes", "3072by3072"], "is not NxK"),
     (["bench", "kernels", "--cpu-smoke", "--providers", "bitsandbytes"], "unknown provider"),
     (["bench", "model", "--cpu-smoke", "--models", "sdxl"], "choose from flux, llm"),
-], ids=["activation-format", "bad-shape", "bad-provider", "bad-model"])
+    (["bench", "model", "--cpu-smoke", "--autoquant-candidates", "int8wo,int9wo"],
+     "--autoquant-candidates: unknown quantization scheme 'int9wo'"),
+    (["bench", "model", "--cpu-smoke", "--autoquant-max-error", "-0.1"], "--autoquant-max-error: max_error is"),
+], ids=["activation-format", "bad-shape", "bad-provider", "bad-model", "bad-autoquant-candidate",
+        "negative-autoquant-max-error"])
 def test_bad_arguments_are_one_clear_line(argv, message, capsys, tmp_path):
     assert main([*argv, "--out-dir", str(tmp_path)]) == 1
     err = capsys.readouterr().err

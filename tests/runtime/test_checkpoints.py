@@ -19,6 +19,18 @@ from quantrt.checkpoints import SafetensorsReader, single_file_plan
 from quantrt.models import FLUX_SIZES, build_flux, flux_inputs
 from quantrt.serialization import CheckpointError
 
+
+@pytest.fixture(autouse=True)
+def restore_inductor_config():
+    """The checkpoints here are made by torchao and diffusers themselves, whose configs default to
+    set_inductor_config=True (coordinate descent tuning, int_mm fusion): global Inductor settings that would
+    change the cache keys of every later compilation in this test process. Put them back."""
+    import torch._inductor.config as inductor_config
+
+    saved = inductor_config.save_config()
+    yield
+    inductor_config.load_config(saved)
+
 quanto = pytest.importorskip("optimum.quanto")
 torchao_quantization = pytest.importorskip("torchao.quantization")
 
