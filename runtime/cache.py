@@ -226,6 +226,22 @@ class CacheEntry:
         self.manifest, self.status = manifest, "loaded"
         return manifest
 
+    def siblings(self, differing_in: str) -> list[Manifest]:
+        """Manifests of other entries whose fields equal this one's except `differing_in` (to explain a miss:
+        the same model compiled under other settings). Read, not verified: they are only reported on."""
+        found = []
+        for manifest_file in (self.root / "entries").glob(f"*/{MANIFEST}"):
+            if manifest_file.parent == self.path:
+                continue
+            try:
+                manifest = Manifest.from_json(json.loads(manifest_file.read_text()))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            others = {k: v for k, v in manifest.fields.items() if k != differing_in}
+            if others == {k: v for k, v in self.fields.items() if k != differing_in}:
+                found.append(manifest)
+        return found
+
     def artifact_files(self) -> list[Path]:
         return sorted(self.work_dir.glob("artifacts-*.bin"))
 

@@ -185,6 +185,31 @@ def structure_hash(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (set, frozenset)):
+        return sorted(map(str, value))
+    return str(value)
+
+
+def compile_settings() -> dict[str, Any]:
+    """Inductor's and AOT autograd's settings, as far as Inductor's own cache keys see them (their portable
+    part). A process whose settings differ (torchao's `set_inductor_config=True` turns on coordinate descent
+    tuning and int_mm fusion, say) misses every graph compiled under the others."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    settings = {"inductor": inductor_config.save_config_portable(), "functorch": functorch_config.save_config_portable()}
+    return json.loads(json.dumps(settings, default=_jsonable, sort_keys=True))
+
+
+def settings_difference(theirs: dict[str, Any], ours: dict[str, Any], most: int = 6) -> str:
+    """`inductor.coordinate_descent_tuning: False there, True here; ...`"""
+    diffs = [f"{section}.{key}: {theirs.get(section, {}).get(key)!r} there, {value!r} here"
+             for section, values in ours.items() for key, value in values.items()
+             if theirs.get(section, {}).get(key) != value]
+    return "; ".join(diffs[:most]) + (f"; and {len(diffs) - most} more" if len(diffs) > most else "")
+
+
 def fingerprint_fields(model: nn.Module, options: CompileOptions) -> dict[str, Any]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -200,9 +225,10 @@ def fingerprint_fields(model: nn.Module, options: CompileOptions) -> dict[str, A
         quantrt_version = version("quantrt")
     except PackageNotFoundError:
         quantrt_version = __version__
+    settings = json.dumps(compile_settings(), sort_keys=True).encode()
     return {"model": structure_hash(model), "quantrt": quantrt_version, "torch": torch.__version__,
             "triton": triton.__version__, "python": platform.python_version(), "device": device_name(device),
-            "compile": options.fingerprint_fields()}
+            "compile": options.fingerprint_fields(), "settings": hashlib.sha256(settings).hexdigest()[:16]}
 
 
 def _counters() -> dict[str, int]:
@@ -283,7 +309,7 @@ class CompiledForward:
     def __init__(self, model: nn.Module, options: CompileOptions, cache: bool = True,
                  cache_dir: str | os.PathLike | None = None, extra: dict[str, Any] | None = None):
         self.model = model
-        self.extra = extra or {}  # recorded in the entry's manifest (the autoquant plan)
+        self.extra = {**(extra or {}), "settings": compile_settings()}  # recorded in the entry's manifest
         self.options = options
         self.entry: CacheEntry | None = None
         self.compiled_signatures: set[str] = set()  # compiled in this process
@@ -325,6 +351,7 @@ class CompiledForward:
     def _load_entry(self) -> None:
         manifest = self.entry.load()
         if manifest is None:
+            self._explain_missing_entry()
             return
         with _compile_env(str(self.entry.inductor_dir), 0):
             for artifact in self.entry.artifact_files():
@@ -342,6 +369,17 @@ class CompiledForward:
                 default_table().update(picks)
         self.warm_signatures = dict(manifest.shapes)
         self.warmed = bool(manifest.shapes)
+
+    def _explain_missing_entry(self) -> None:
+        """No entry for this fingerprint: if one exists for the same model under other Inductor settings, say
+        which settings differ, since this process will compile cold."""
+        for sibling in self.entry.siblings(differing_in="settings"):
+            theirs = sibling.extra.get("settings", {})
+            warnings.warn(f"quantrt cache: {self.entry.path.parent / sibling.fingerprint} holds this model's graphs "
+                          f"compiled under other Inductor settings ({settings_difference(theirs, self.extra['settings'])}"
+                          f"), so this process compiles cold. Warm up and serve with the same settings (torchao's "
+                          f"set_inductor_config=True changes them)", CacheWarning, stacklevel=4)
+            return
 
     def __call__(self, *args, **kwargs):
         sizes = None

@@ -129,6 +129,26 @@ def test_another_autograd_mode_is_another_graph_and_strict_says_so(tmp_path):
         qt.warmup([torch.randn(3, 64)], grad_mode="training")
 
 
+def test_other_inductor_settings_are_another_entry_and_the_miss_is_explained(tmp_path):
+    import torch._inductor.config as inductor_config
+
+    from quantrt.compile import CompileOptions, compile_settings
+
+    options = CompileOptions(mode=MODE)
+    ours = fingerprint_fields(quantized_mlp().model, options)
+    with inductor_config.patch(coordinate_descent_tuning=True):  # what torchao's set_inductor_config does
+        theirs = fingerprint_fields(quantized_mlp().model, options)
+        their_settings = compile_settings()
+    assert theirs != ours and {k for k in ours if ours[k] != theirs[k]} == {"settings"}
+    entry = CacheEntry(theirs, root=tmp_path)  # warmed by a process with torchao's settings
+    entry.inductor_dir.mkdir(parents=True)
+    entry.commit({"k": {"shape": "0=1x64", "cold_s": 1.0}}, None, {}, extra={"settings": their_settings})
+    with pytest.warns(CacheWarning, match=r"other Inductor settings \(inductor.coordinate_descent_tuning: "
+                                          r"True there, False here\)"):
+        qt = quantized_mlp().compile(mode=MODE, cache_dir=tmp_path)
+    assert qt._compiled.entry.status == "new"
+
+
 def test_an_unusable_cache_folder_warns_and_compiles_without_it(tmp_path):
     not_a_folder = tmp_path / "file"
     not_a_folder.write_text("")
@@ -293,7 +313,7 @@ def test_the_autoquant_plan_goes_into_the_entry(tmp_path):
     qt = quantrt.autoquant(mlp(), [torch.randn(4, 64)], candidates=["int8wo", "int4wo"], max_error=0.5,
                            timer=first_is_fastest)
     qt.compile(mode=MODE, cache_dir=tmp_path)
-    assert qt._compiled.extra == {"autoquant_plan": qt.autoquant_plan.to_dict()}
+    assert qt._compiled.extra["autoquant_plan"] == qt.autoquant_plan.to_dict()
     assert qt._compiled.entry.fields == fingerprint_fields(qt.model, quantrt.compile.CompileOptions(mode=MODE))
 
 
