@@ -18,7 +18,9 @@ What is measured, per nn.Linear layer (`measure`):
      captured rows repeated), times how often M occurred: the layer's time over one pass of the examples.
      Default timer (`DefaultTimer`): on CUDA the median of triton.testing.do_bench (it flushes L2 between
      calls); elsewhere the median of `repeats` perf_counter samples, each at least 1 ms of repeated calls.
-   - bytes: the layer's stored bytes (QuantizedLinear.storage_bytes, what save_pretrained writes).
+   - bytes: what the layer keeps in memory (QuantizedLinear.storage_bytes): its buffers, which save_pretrained
+     writes, plus any copy its backend keeps beside them (quanto's 4/2-bit packing, torchao's unpacked intX codes),
+     so objective="memory" prefers a backend whose weight is a view of the buffers.
    A candidate that cannot run (K not a multiple of its group size, a backend that cannot serve it, a
    backend that fails) is recorded with its reason and skipped. Times are of the eager layer; a compiled
    model fuses around it, so the end-to-end effect is for the model benchmark to show.

@@ -78,7 +78,7 @@ def cmd_info(args: argparse.Namespace) -> int:
                 note = reasons.setdefault(reason, len(reasons) + 1)
                 cells.append(f"no [{note}]")
         rows.append([name, *cells])
-    print(f"\nwhich backend can serve which scheme on {device} (auto picks the first 'yes' from the left):\n")
+    print(f"\nwhich backend can serve which scheme on {device} (auto picks the first 'yes' from the left; on a CPU it never picks triton, the interpreter):\n")
     print(format_table(["scheme", *ORDER], rows))
     for reason, note in reasons.items():
         print(f"[{note}] {reason}")
@@ -100,7 +100,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     import torch
 
     from .config import QuantConfig
-    from .transformer import QuantizedTransformer
+    from .transformer import QuantizedTransformer, model_bytes
 
     config = QuantConfig(args.scheme, group_size=args.group_size,
                          modules_to_not_convert=args.modules_to_not_convert or None)
@@ -110,7 +110,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     qt.save_pretrained(args.dst, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
     layers = qt.summary()
     print(f"{sum(r.quantized for r in layers)}/{len(layers)} Linear layers quantized with {config.scheme.name}; "
-          f"{qt.memory_footprint():,} bytes written to {args.dst}")
+          f"{model_bytes(qt.model):,} bytes written to {args.dst}")
     return 0
 
 
@@ -256,8 +256,9 @@ def build_parser(bench_arguments: bool = True) -> argparse.ArgumentParser:
                     "table: weight bytes, ratio to bf16, milliseconds per forward (median, eager) and the "
                     "output's relative L2 error against the unquantized model.")
     demo.add_argument("--size", choices=("tiny", "small", "full"), default="small",
-                      help="small: a few layers, runs on CPU in seconds (default); full: FLUX.1-dev dimensions "
-                           "(12B parameters, 4096 image + 512 text tokens), for a GPU")
+                      help="tiny: one block of each kind, seconds on a CPU; small: a few layers, a minute or two "
+                           "on 2 CPU cores (default); full: FLUX.1-dev dimensions (12B parameters, 4096 image + 512 "
+                           "text tokens), for a GPU")
     demo.add_argument("--schemes", default=",".join(DEFAULT_SCHEMES),
                       help="comma-separated scheme names (see `quantrt info`); default: %(default)s")
     demo.add_argument("--device", help="cpu or cuda (default: cuda if available)")

@@ -325,7 +325,7 @@ def _from_quant_method(obj: Any, method: str, backend: str) -> QuantConfig:
 
 def to_quant_config(obj: Any, *, backend: str = "auto") -> QuantConfig:
     """Any accepted config -> QuantConfig: a QuantConfig, a scheme name, a Scheme, a dict of QuantConfig
-    arguments, a torchao config object (Int8WeightOnlyConfig(group_size=128), FqnToConfig, ...) or its
+    arguments, a torchao config object (Int8WeightOnlyConfig(granularity=PerGroup(128)), FqnToConfig, ...) or its
     `config_to_dict` form, a diffusers TorchAoConfig / QuantoConfig or transformers QuantoConfig, or their
     `to_dict()` form ({"quant_method": "torchao", ...}). `backend` applies to what is mapped (not to a
     QuantConfig, which has its own)."""

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .backends import Backend, get_backend, select_backend
+from .backends import Backend, get_backend, resident_bytes, select_backend
 from .config import QuantConfig
 from .schemes import Scheme
 
@@ -77,7 +77,10 @@ class QuantizedLinear(nn.Module):
         return self.scheme.dequantize(self.tensors(), self.in_features)
 
     def storage_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.buffers())
+        """Bytes this layer keeps in memory: its buffers (what save_pretrained writes) plus what its backend
+        built from them in storage of its own (`Backend.extra_bytes`: quanto's repacked int4 codes, say; a
+        backend's view of a buffer adds nothing)."""
+        return resident_bytes(self.buffers()) + self.backend.extra_bytes(self)
 
     def __deepcopy__(self, memo: dict) -> QuantizedLinear:
         # what the backend derived from the buffers is rebuilt on the copy, not copied: some tensor

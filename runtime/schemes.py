@@ -207,7 +207,9 @@ def valid_names() -> list[str]:
 def _unknown(name: str) -> ValueError:
     close = difflib.get_close_matches(name, valid_names(), n=3, cutoff=0.5)
     hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-    listing = ", ".join(list(SCHEMES)[:9] + ["fpX_eAmB (3 <= X <= 7)"] + list(SCHEMES)[-5:])
+    # the fpX_eAmB family is listed once, as its pattern
+    listing = ", ".join([n for n in SCHEMES if not n.startswith("fp")][:11] + ["fpX_eAmB (3 <= X <= 7)"]
+                        + [n for n in SCHEMES if not n.startswith("fp")][11:])
     return ValueError(
         f"unknown quantization scheme {name!r}.{hint} Valid schemes: {listing}; aliases: "
         f"{', '.join(sorted(set(ALIASES) - {a for a in ALIASES if a.startswith('fp')}))}, fpX; "

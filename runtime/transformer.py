@@ -8,7 +8,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from .backends import select_backend
+from .backends import resident_bytes, select_backend
 from .config import QuantConfig
 from .modules import LayerReport, QuantizedLinear, quantize_
 from .schemes import resolve_scheme
@@ -133,9 +133,16 @@ class QuantizedTransformer(nn.Module):
         return self._reports
 
     def memory_footprint(self) -> int:
-        """Bytes of all parameters and buffers of the wrapped model."""
-        tensors = list(self.model.parameters()) + list(self.model.buffers())
-        return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
+        """Bytes the wrapped model keeps in memory: its parameters and buffers plus the tensors its layers'
+        backends built from them (quanto's and torchao's weights, `Backend.derived_tensors`), each storage
+        counted once (`resident_bytes`). A backend tensor that is a view of a layer's buffers (quanto's int8
+        and fp8 codes, torchao's int8 codes) adds nothing; one the backend repacked into storage of its own
+        (quanto's int4/int2 packing, torchao's unpacked intX codes, float32 scale copies) adds its size, so
+        this can exceed what save_pretrained writes. `summary()` gives the same per layer."""
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        for layer in self.quantized_layers().values():
+            tensors += layer.backend.derived_tensors(layer)
+        return resident_bytes(tensors)
 
     def extra_repr(self) -> str:
         return f"quant_config={self.quant_config!r}"

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable
 
 import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 if TYPE_CHECKING:
     from ..modules import QuantizedLinear
@@ -48,10 +49,61 @@ class Backend:
     def prepare(self, layer: QuantizedLinear) -> None:
         """Build whatever the backend needs from the layer's stored tensors. Called when the layer is
         built, and again after the layer moves or changes dtype (`module.to(...)`) or loads a state dict,
-        so it must rebuild from the stored tensors (and do nothing for tensors on the meta device)."""
+        so it must rebuild from the stored tensors (and do nothing for tensors on the meta device). Where
+        the backend's format is the stored one, it should build views of the buffers, not copies."""
+
+    def derived_tensors(self, layer: QuantizedLinear) -> list[torch.Tensor]:
+        """The tensors `prepare` keeps on `layer` (its `derived_attributes` that hold a tensor)."""
+        found = (getattr(layer, name, None) for name in self.derived_attributes)
+        return [tensor for tensor in found if isinstance(tensor, torch.Tensor)]
+
+    def extra_bytes(self, layer: QuantizedLinear) -> int:
+        """Bytes the backend keeps for `layer` beyond the layer's buffers: the storage of its derived tensors
+        that is not the buffers' own (a view of a buffer costs nothing, a repacked copy costs its size)."""
+        derived = self.derived_tensors(layer)
+        if not derived:
+            return 0
+        buffers = list(layer.buffers())
+        return resident_bytes(buffers + derived) - resident_bytes(buffers)
 
     def linear(self, layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+
+def plain_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors that hold `tensor`'s data: `tensor` itself, or for a tensor subclass (quanto's and
+    torchao's weights) the inner tensors its `__tensor_flatten__` names, opened recursively."""
+    if not is_traceable_wrapper_subclass(tensor):
+        return [tensor]
+    names, _ = tensor.__tensor_flatten__()
+    inner = (getattr(tensor, name) for name in names)
+    return [leaf for t in inner if t is not None for leaf in plain_tensors(t)]
+
+
+def resident_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of memory that `tensors` occupy together. Tensor subclasses count their inner tensors
+    (`plain_tensors`); tensors that share a storage (views, aliases, a backend's view of a buffer) count the
+    union of the byte ranges they reach in it once. Tensors on the meta device count their nominal size."""
+    nominal: dict[int, int] = {}
+    ranges: dict[tuple[torch.device, int], list[tuple[int, int]]] = {}
+    for tensor in tensors:
+        for t in plain_tensors(tensor):
+            if t.is_meta:
+                nominal[id(t)] = t.numel() * t.element_size()
+                continue
+            if t.numel() == 0:
+                continue
+            size = t.element_size()
+            start = t.storage_offset() * size
+            span = (1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))) * size
+            ranges.setdefault((t.device, t.untyped_storage().data_ptr()), []).append((start, start + span))
+    total = sum(nominal.values())
+    for spans in ranges.values():
+        covered = 0  # bytes [0, covered) of this storage are counted already
+        for start, end in sorted(spans):
+            total += max(0, end - max(start, covered))
+            covered = max(covered, end)
+    return total
 
 
 def get_backend(name: str) -> Backend | None:

@@ -1,14 +1,22 @@
 """The optimum-quanto backend: serve a QuantizedLinear with a quanto weight tensor.
 
-How a layer is built (`prepare`): quanto's own `quantize_weight` quantizes the layer's dequantized weight
-(float32, cast to the layer's dtype) with quantrt's stored scales and zero points passed in as quanto's
-scale and shift, so the quanto tensor holds exactly quantrt's codes (quanto's dequantization, scale * code -
-shift, is quantrt's (code - zero) * scale with shift = zero * scale) and any group size works, not only the
-128 / 96 / 64 / 32 that `quanto.quantize` + `freeze` would pick on their own. The result is what `freeze`
-leaves on a QLinear: a frozen WeightQBytesTensor / WeightQBitsTensor. It is kept as `layer.backend_weight`, a
-plain attribute, not a buffer, so `state_dict()` stays in quantrt's format. Memory: quanto's tensor lives
-next to quantrt's buffers (same size again: 1 byte per weight for qint8 / qfloat8, packed 4 or 2 bits for
-qint4 / qint2, plus scales and shifts); `memory_footprint()` counts quantrt's buffers only.
+How a layer is built (`prepare`), into what `freeze` leaves on a QLinear (a frozen WeightQBytesTensor /
+WeightQBitsTensor), kept as `layer.backend_weight`: a plain attribute, not a buffer, so `state_dict()` stays
+in quantrt's format.
+- 8-bit (qint8, qfloat8): quanto's layout is quantrt's, so the WeightQBytesTensor is made of views of the
+  layer's buffers, no copy: its data [N, K] is quantrt's qweight (int8, or the fp8 codes stored as uint8
+  viewed as quanto's float8 dtype) and its scale [N, 1] quantrt's scale (quanto's scale * code is quantrt's
+  dequantization). Exception: on CUDA, quanto's Marlin fp8 tensor (e4m3, SM >= 8.0, N and K multiples of
+  64/128) repacks the codes into storage of its own.
+- 4 / 2-bit (qint4, qint2): quanto packs codes along its group rows, not along K as quantrt does, and wants a
+  shift (zero * scale) where quantrt stores zero points, so quanto's own `quantize_weight` quantizes the
+  layer's dequantized weight (float32, cast to the layer's dtype) with quantrt's scales and zero points passed
+  in as quanto's scale and shift: the quanto tensor holds exactly quantrt's codes (quanto's dequantization,
+  scale * code - shift, is quantrt's (code - zero) * scale with shift = zero * scale) and any group size works,
+  not only the 128 / 96 / 64 / 32 that `quanto.quantize` + `freeze` would pick on their own. Its scale is a
+  view of quantrt's; its packed codes and shifts are copies.
+Memory: what does not share the buffers' storage (the 4/2-bit packed codes and shifts, Marlin's fp8 repack) is
+`Backend.extra_bytes` and counted by `storage_bytes()`, `summary()` and `memory_footprint()`.
 
 Schemes (cpu and cuda):
 
@@ -86,6 +94,19 @@ def qtype_name(scheme: Scheme) -> str:
     return name
 
 
+def _qbytes_weight_of_buffers(layer: QuantizedLinear, qtype, optimized: bool) -> torch.Tensor:
+    """quanto's 8-bit weight tensor for `layer`, made of views of its buffers: data [N, K] is the qweight
+    (int8; fp8 codes are stored as uint8 and viewed as quanto's float8 dtype), scale [N, 1] the scale.
+    `optimized` lets quanto pick its optimized tensor (on CUDA: Marlin for fp8 e4m3, which repacks)."""
+    from optimum.quanto.tensor.weights import WeightQBytesTensor
+
+    data = layer.qweight if layer.qweight.dtype == qtype.dtype else layer.qweight.view(qtype.dtype)
+    # a single output channel is "per tensor" to quanto (axis None, as quantize_weight makes it): a scalar scale
+    axis, scale = (None, layer.scale.reshape(())) if layer.out_features == 1 else (0, layer.scale.reshape(-1, 1))
+    build = WeightQBytesTensor.create if optimized else WeightQBytesTensor
+    return build(qtype, axis, data.size(), data.stride(), data, scale, activation_qtype=None)
+
+
 class QuantoBackend(Backend):
     name = "quanto"
     derived_attributes = ("backend_weight",)
@@ -117,18 +138,16 @@ class QuantoBackend(Backend):
         except ValueError as e:
             raise RuntimeError(f"layer {layer.name!r}: quanto cannot serve {scheme.name}: {e}") from e
         dtype = layer.scale.dtype
-        weight = layer.dequantize().to(dtype)
-        optimized = weight.device.type == "cuda"
+        optimized = layer.qweight.device.type == "cuda"
         if scheme.weight == "uintx":
             # quanto: w = scale * code - shift; quantrt: w = (code - zero) * scale, so shift = zero * scale
+            weight = layer.dequantize().to(dtype)
             scale = layer.scale.reshape(-1, 1)
             shift = (layer.zero.float() * layer.scale.float()).to(dtype).reshape(-1, 1)
             qweight = quanto.quantize_weight(weight, qtype, axis=0, scale=scale, shift=shift,
                                              group_size=scheme.group_size, optimized=optimized)
         else:
-            # a single output channel is "per tensor" to quanto, which then wants a scalar scale
-            scale = layer.scale.reshape(()) if weight.shape[0] == 1 else layer.scale.reshape(-1, 1)
-            qweight = quanto.quantize_weight(weight, qtype, axis=0, scale=scale, optimized=optimized)
+            qweight = _qbytes_weight_of_buffers(layer, qtype, optimized)
         layer.backend_weight = qweight
         layer.backend_config = qtype.name
 

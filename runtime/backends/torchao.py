@@ -5,19 +5,26 @@ dtype) into a temporary nn.Linear, `torchao.quantization.quantize_` quantizes th
 the scheme maps onto (`torchao_config`), with `set_inductor_config=False` wherever the config has it
 (quantrt never changes global Inductor settings), and the resulting torchao weight tensor is kept as
 `layer.backend_weight`: a plain attribute, not a buffer, so `state_dict()` and `save_pretrained` stay in
-quantrt's format. Memory: the torchao weight lives next to quantrt's buffers, about one extra byte per weight
-for int8, fp8 and the unpacked intX formats (IntxUnpackedToInt8Tensor keeps one int8 per weight) and half a
-byte for torchao's CUDA int4 packing; `memory_footprint()` counts quantrt's buffers only.
+quantrt's format.
 
 Numerics: torchao derives its own scales from the dequantized weight. For fp8 that is lossless (torchao's
 absmax / fp8-max scale lands on quantrt's), and so it is for int4 on CUDA (tinygemm's float zero points are
 quantrt's). For int8 (torchao's grid is absmax / 127.5, quantrt's absmax / 127) and the intX path (torchao's
-zero points are integers, quantrt's are floats) requantizing would add a second rounding step per weight, so
-`prepare` then puts quantrt's own codes, scales and zero points into torchao's Int8Tensor /
-IntxUnpackedToInt8Tensor (their documented qdata / scale / zero_point; IntxUnpackedToInt8Tensor takes float
-zero points) and checks that the result dequantizes to quantrt's weight; where that check fails (another
-torchao layout), torchao's own requantized weight is kept and `layer.backend_config` says so. torchao's int4dq
-quantizes activations asymmetrically per token where the reference does it symmetrically.
+zero points are integers, quantrt's are floats) requantizing would add a second rounding step per weight. So
+for int8, intX and weight-only fp8 `prepare` puts quantrt's own codes, scales and zero points into torchao's
+Int8Tensor / IntxUnpackedToInt8Tensor / Float8Tensor (their documented qdata / scale / zero_point; the intX
+tensor takes float zero points) and checks that the result dequantizes to quantrt's weight; where that check
+fails (another torchao layout), torchao's own requantized weight is kept and `layer.backend_config` says so.
+torchao's int4dq quantizes activations asymmetrically per token where the reference does it symmetrically.
+
+Memory: what torchao keeps in quantrt's layout is a view of the layer's buffers, not a copy: int8 codes
+(qdata [N, K] int8 is quantrt's qweight), weight-only fp8 codes (quantrt's uint8 codes viewed as
+float8_e4m3fn / float8_e5m2), and scales wherever torchao's dtype is the layer's (bf16/fp16/fp32 for intX,
+fp32 layers for int8 and fp8). Copies remain where torchao's layout differs: torchao's float32 scales and int8
+zero points of int8 / fp8 in bf16 and fp16 layers (N x groups x 4 or 5 bytes, small), the intX codes (one
+int8 per weight, unpacked, where quantrt packs X bits) and their float zero points (shifted by 2^(X-1)),
+torchao's CUDA int4 packing, and the fp8 dynamic-activation schemes' weights (torchao's own quantization).
+They are `Backend.extra_bytes`, counted by `storage_bytes()`, `summary()` and `memory_footprint()`.
 
 What serves where (torchao 0.18, torch 2.13; CPU checked by running, CUDA from torchao's documentation):
 
@@ -50,6 +57,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels.packing import unpack_uintx
+from ..kernels.quantize import FP8_DTYPES
 from . import Backend
 
 if TYPE_CHECKING:
@@ -208,20 +216,28 @@ def torchao_config(scheme: Scheme, device: torch.device | str, dtype: torch.dtyp
         "torchao's Float8StaticActivationFloat8WeightConfig needs it at quantization time")
 
 
-def _needs_quantrt_codes(weight: torch.Tensor, scheme: Scheme) -> bool:
-    """Whether torchao's requantization of `scheme` is lossy (int8 and the integer-zero-point intX path)."""
-    return scheme.weight == "int8" or (scheme.weight == "uintx" and type(weight).__name__ == "IntxUnpackedToInt8Tensor")
+def _takes_quantrt_codes(weight: torch.Tensor, scheme: Scheme) -> bool:
+    """Whether `prepare` puts quantrt's codes into torchao's `weight`: where torchao's requantization is lossy
+    (int8 and the integer-zero-point intX path), and for weight-only fp8, whose codes torchao can then keep as a
+    view of the layer's buffer instead of a copy."""
+    kind = type(weight).__name__
+    return (scheme.weight == "int8" or (scheme.weight == "uintx" and kind == "IntxUnpackedToInt8Tensor")
+            or (scheme.weight == "fp8" and scheme.activation == "none" and kind == "Float8Tensor"))
 
 
 def _adopt_quantrt_codes(weight: torch.Tensor, layer: QuantizedLinear, dequantized: torch.Tensor) -> bool:
     """Put the layer's own codes, scales and zero points into torchao's freshly built `weight` (in place), so
-    torchao computes with quantrt's weight and not a second rounding of it. False (and `weight` unusable)
-    where torchao's tensor does not have the expected qdata / scale / zero_point layout or does not
+    torchao computes with quantrt's weight and not a second rounding of it. Each is a view of the layer's
+    buffer where torchao's dtype and shape are the buffer's, else a converted copy. False (and `weight`
+    unusable) where torchao's tensor does not have the expected qdata / scale / zero_point layout or does not
     dequantize to `dequantized` afterwards."""
     scheme = layer.scheme
     kind = type(weight).__name__
     if kind == "Int8Tensor" and scheme.weight == "int8":
         tensors = {"qdata": layer.qweight, "scale": layer.scale}
+    elif kind == "Float8Tensor" and scheme.weight == "fp8" and scheme.activation == "none":
+        # quantrt stores fp8 codes as their uint8 bits; viewed as the fp8 dtype they are torchao's qdata
+        tensors = {"qdata": layer.qweight.view(FP8_DTYPES[scheme.fp8]), "scale": layer.scale}
     elif kind == "IntxUnpackedToInt8Tensor" and scheme.weight == "uintx":
         # torchao's intX codes are signed: code - 2**(bits-1), with the zero point shifted alike
         offset = 2 ** (scheme.bits - 1)
@@ -284,7 +300,7 @@ class TorchaoBackend(Backend):
             config = _intx_weight_config(layer.scheme.bits, layer.scheme.group_size)
             backend_weight = self._quantize(weight, config)
         layer.backend_config = type(config).__name__
-        if _needs_quantrt_codes(backend_weight, layer.scheme):
+        if _takes_quantrt_codes(backend_weight, layer.scheme):
             if _adopt_quantrt_codes(backend_weight, layer, weight):
                 layer.backend_config += " (quantrt's codes)"
             else:

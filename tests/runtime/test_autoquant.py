@@ -218,16 +218,19 @@ def test_memory_objective_picks_the_smallest_within_budget_and_breaks_ties_by_ti
                            objective="memory", timer=FakeTimer(), progress=False)
     plan = qt.autoquant_plan
     assert plan.objective == "memory"
-    chosen = {}
+    chosen, ties = {}, {}
     for name, layer in plan.layers.items():
         within = [t for t in layer.trials if t.measured and t.error <= 0.08]
         smallest = min(t.bytes for t in within)
         assert layer.chosen.bytes == smallest
         same_size = [t for t in within if t.bytes == smallest]
-        assert len(same_size) > 1  # several backends store the same bytes: time decides among them
-        assert layer.chosen is min(same_size, key=lambda t: t.ms)
-        chosen[name] = layer.chosen.scheme
+        assert layer.chosen is min(same_size, key=lambda t: t.ms)  # time decides among the same bytes
+        chosen[name], ties[name] = layer.chosen.scheme, len(same_size)
         assert qt.model.get_submodule(name).storage_bytes() == smallest
+    # bytes are what a layer keeps in memory: at 4 bits quanto and torchao keep repacked copies of the codes
+    # beside the buffers, so the reference is smallest; at 8 bits quanto's weight is a view of the buffers,
+    # so backends tie and time decides
+    assert plan.layers["0"].chosen.backend == "reference" and ties["4"] > 1
     # uint2wo is over the budget; 4 bits in groups of 128 where K allows, of 64 where only that fits,
     # 8 bits per channel (int8 and fp8 store the same bytes) where no group fits
     assert chosen["0"] == "int4wo" and chosen["2"] == "uint4wo" and chosen["4"] in ("int8wo", "float8wo_e4m3")

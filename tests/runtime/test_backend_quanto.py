@@ -117,3 +117,81 @@ def test_deepcopy_rebuilds_the_quanto_weight():
     assert copied.backend_weight is not original.backend_weight and copied.backend is original.backend
     x = torch.randn(3, 256)
     torch.testing.assert_close(twin(x), qt(x))
+
+
+def storage_of(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage().data_ptr()
+
+
+def assert_8bit_weight_views_the_buffers(layer) -> None:
+    # quanto's data [N, K] is quantrt's qweight (int8, or fp8 bits viewed as float8), its scale [N, 1] the scale
+    weight = layer.backend_weight
+    assert type(weight).__name__ == "WeightQBytesTensor"
+    assert storage_of(weight._data) == storage_of(layer.qweight)
+    assert storage_of(weight._scale) == storage_of(layer.scale)
+    assert layer.backend.extra_bytes(layer) == 0
+
+
+SHARED_8BIT = [("int8wo", None), ("float8wo_e4m3", None), ("float8wo_e5m2", None)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", SHARED_8BIT, ids=case_id)
+def test_8bit_weight_is_a_view_of_the_buffers(case, dtype):
+    scheme, group_size = case
+    qts = quantized_copies(linear_model(dtype), scheme, group_size, ["reference", "quanto"])
+    twin = copy.deepcopy(qts["quanto"])
+    x = torch.randn(4, 256, dtype=dtype)
+    for qt in (qts["quanto"], twin):
+        for layer in qt.quantized_layers().values():
+            assert_8bit_weight_views_the_buffers(layer)
+        torch.testing.assert_close(qt(x), qts["reference"](x), **tolerance(scheme, dtype))
+    # the copy's weight views the copy's own buffers
+    assert storage_of(twin.model[0].qweight) != storage_of(qts["quanto"].model[0].qweight)
+
+
+@pytest.mark.parametrize("case", [("int8wo", None), ("float8wo_e4m3", None)], ids=case_id)
+def test_8bit_views_follow_to_load_state_dict_and_from_pretrained(case, tmp_path):
+    scheme, group_size = case
+    qts = quantized_copies(linear_model(torch.float32), scheme, group_size, ["reference", "quanto"])
+    for qt in qts.values():
+        qt.to(torch.bfloat16)  # new scale buffers: prepare rebuilds the views on them
+    x = torch.randn(5, 256, dtype=torch.bfloat16)
+    expected = qts["reference"](x)
+    target = quantized_copies(linear_model(torch.bfloat16), scheme, group_size, ["quanto"])["quanto"]
+    target.load_state_dict(qts["quanto"].state_dict())
+    qts["quanto"].save_pretrained(tmp_path / "q")
+    loaded = quantrt.QuantizedTransformer.from_pretrained(tmp_path / "q", backend="quanto",
+                                                          model=lambda: linear_model(torch.bfloat16))
+    assert backends_of(loaded) == {"quanto"}
+    for qt in (qts["quanto"], target, loaded):
+        for layer in qt.quantized_layers().values():
+            assert_8bit_weight_views_the_buffers(layer)
+        torch.testing.assert_close(qt(x), expected, **tolerance(scheme, torch.bfloat16))
+
+
+@pytest.mark.parametrize("case", [("int8wo", None), ("float8wo_e4m3", None), ("int4wo", 32), ("uint2wo", 16)],
+                         ids=case_id)
+def test_memory_footprint_counts_quantos_copies_beside_the_buffers(case):
+    scheme, group_size = case
+    qts = quantized_copies(tiny_flux(torch.bfloat16), scheme, group_size, ["reference", "quanto"])
+    copies = 0
+    for layer in qts["quanto"].quantized_layers().values():
+        buffers = {storage_of(b) for b in layer.buffers()}
+        weight = layer.backend_weight
+        if group_size is None:
+            inner = [weight._data, weight._scale]
+        else:  # packed codes (quanto's PackedTensor holds them in _data._data) and the shift
+            inner = [weight._data._data, weight._scale, weight._shift]
+            bits = 4 if scheme == "int4wo" else 2
+            n, k = layer.out_features, layer.in_features
+            # codes packed 8 / bits to a byte; one bf16 shift per group; the scale is a view of quantrt's
+            assert layer.backend.extra_bytes(layer) == n * k * bits // 8 + n * (k // group_size) * 2
+        layer_copies = sum(t.numel() * t.element_size() for t in inner if storage_of(t) not in buffers)
+        assert layer.backend.extra_bytes(layer) == layer_copies
+        copies += layer_copies
+    assert (copies == 0) == (group_size is None)
+    footprint = {backend: qt.memory_footprint() for backend, qt in qts.items()}
+    assert footprint["quanto"] == footprint["reference"] + copies
+    summary_bytes = {backend: sum(r.bytes for r in qt.summary()) for backend, qt in qts.items()}
+    assert summary_bytes["quanto"] == summary_bytes["reference"] + copies

@@ -178,3 +178,21 @@ def test_reference_backend_compiles_fullgraph_on_cpu():
     torch._dynamo.reset()
     compiled = torch.compile(qt, fullgraph=True)(x)
     torch.testing.assert_close(compiled, eager, **tolerance("uint4wo", dtype))
+
+
+def test_resident_bytes_counts_each_storage_once():
+    base = torch.zeros(10, 8, dtype=torch.int8)
+    assert backends.resident_bytes([base, base.view(torch.uint8), base.reshape(80), base.t()]) == 80
+    assert backends.resident_bytes([base[:4], base[2:6]]) == 6 * 8  # overlapping rows count once
+    assert backends.resident_bytes([base[:2], base[8:]]) == 4 * 8  # rows 2..7 are reached by neither
+    assert backends.resident_bytes([base[:, 0]]) == 9 * 8 + 1  # a strided column reaches 73 bytes
+    assert backends.resident_bytes([torch.zeros(3), torch.zeros(3)]) == 2 * 12
+    assert backends.resident_bytes([torch.empty(3, 4, device="meta")]) == 48
+
+
+def test_backend_without_derived_tensors_costs_nothing_beyond_the_buffers():
+    qt = quantrt.QuantizedTransformer.from_model(linear_model(torch.float32), QuantConfig("int4wo", group_size=32,
+                                                 backend="reference"), progress=False)
+    layer = qt.quantized_layers()["0"]
+    assert layer.backend.derived_tensors(layer) == [] and layer.backend.extra_bytes(layer) == 0
+    assert layer.storage_bytes() == sum(b.numel() * b.element_size() for b in layer.buffers())

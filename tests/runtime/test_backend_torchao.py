@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -116,3 +118,69 @@ def test_compiles_fullgraph_on_cpu(case, dtype):
     torch._dynamo.reset()
     compiled = torch.compile(qt, fullgraph=True)(x)
     torch.testing.assert_close(compiled, eager, **tolerance(scheme, dtype))
+
+
+def storage_of(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage().data_ptr()
+
+
+def torchao_copy_bytes(layer, dtype: torch.dtype) -> int:
+    """The bytes torchao 0.18 keeps beside a CPU layer's buffers, from its layouts: its scales are float32 for int8
+    and fp8 (a view of quantrt's only in float32 layers), int8 keeps int8 zero points, intX keeps one int8 code
+    per weight (quantrt packs them) and float zero points in the layer's dtype (quantrt's shifted by 2^(X-1))."""
+    scheme, n, k = layer.scheme, layer.out_features, layer.in_features
+    groups = 1 if scheme.group_size is None else k // scheme.group_size
+    scale_copy = 0 if dtype == torch.float32 else n * groups * 4
+    if scheme.weight == "int8":
+        return scale_copy + n * groups
+    if scheme.weight == "fp8":
+        return scale_copy
+    return n * k + n * groups * dtype.itemsize
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", [("int8wo", None), ("int8wo", 64), ("int8dq", None), ("float8wo_e4m3", None),
+                                  ("float8wo_e5m2", None), ("uint4wo", 32)], ids=case_id)
+def test_codes_in_quantrts_layout_are_views_of_the_buffers(case, dtype):
+    scheme, group_size = case
+    qts = quantized_copies(linear_model(dtype), scheme, group_size, ["reference", "torchao"])
+    twin = copy.deepcopy(qts["torchao"])
+    x = torch.randn(4, 256, dtype=dtype)
+    for qt in (qts["torchao"], twin):
+        for layer in qt.quantized_layers().values():
+            weight = layer.backend_weight
+            assert "quantrt's codes" in layer.backend_config
+            # int8 qdata [N, K] is quantrt's qweight, fp8 qdata its uint8 codes viewed as float8; intX codes are
+            # unpacked (a copy), their scale in the layer's dtype a view
+            shared = [weight.scale] if scheme == "uint4wo" else [weight.qdata]
+            assert all(storage_of(t) in {storage_of(b) for b in layer.buffers()} for t in shared)
+            assert (storage_of(weight.scale) == storage_of(layer.scale)) == (dtype == torch.float32 or
+                                                                            scheme == "uint4wo")
+            assert layer.backend.extra_bytes(layer) == torchao_copy_bytes(layer, dtype)
+        torch.testing.assert_close(qt(x), qts["reference"](x), **tolerance(scheme, dtype))
+
+
+def test_fp8_views_follow_to_and_load_state_dict():
+    qts = quantized_copies(linear_model(torch.float32), "float8wo_e4m3", None, ["reference", "torchao"])
+    for qt in qts.values():
+        qt.to(torch.bfloat16)
+    target = quantized_copies(linear_model(torch.bfloat16), "float8wo_e4m3", None, ["torchao"])["torchao"]
+    target.load_state_dict(qts["torchao"].state_dict())
+    x = torch.randn(5, 256, dtype=torch.bfloat16)
+    for qt in (qts["torchao"], target):
+        layer = qt.quantized_layers()["0"]
+        assert storage_of(layer.backend_weight.qdata) == storage_of(layer.qweight)
+        assert layer.backend.extra_bytes(layer) == torchao_copy_bytes(layer, torch.bfloat16)
+        torch.testing.assert_close(qt(x), qts["reference"](x), **tolerance("float8wo_e4m3", torch.bfloat16))
+
+
+@pytest.mark.parametrize("case", [("int8wo", None), ("float8wo_e4m3", None), ("int4wo", 32)], ids=case_id)
+def test_memory_footprint_counts_torchaos_copies_beside_the_buffers(case):
+    scheme, group_size = case
+    dtype = torch.bfloat16
+    qts = quantized_copies(tiny_flux(dtype), scheme, group_size, ["reference", "torchao"])
+    copies = sum(torchao_copy_bytes(layer, dtype) for layer in qts["torchao"].quantized_layers().values())
+    assert copies > 0
+    assert qts["torchao"].memory_footprint() == qts["reference"].memory_footprint() + copies
+    summary_bytes = {backend: sum(r.bytes for r in qt.summary()) for backend, qt in qts.items()}
+    assert summary_bytes["torchao"] == summary_bytes["reference"] + copies
