@@ -14,11 +14,10 @@ from .modules import QuantizedLinear
 def call_with(model: nn.Module, example: Any) -> Any:
     """Call `model` with one example input: a dict of keyword arguments, a tuple/list of positional
     arguments, or a single tensor."""
-    if isinstance(example, dict):
-        return model(**example)
-    if isinstance(example, (tuple, list)):
-        return model(*example)
-    return model(example)
+    from .compile import as_call
+
+    args, kwargs = as_call(example)
+    return model(*args, **kwargs)
 
 
 @torch.no_grad()

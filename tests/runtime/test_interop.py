@@ -218,3 +218,14 @@ def test_quantize_pipeline_names_the_missing_component():
     with pytest.raises(ValueError, match="no component 'text_encoder'.*transformer, projection"):
         quantrt.quantize_pipeline(pipeline, {"transformer": "int8wo", "text_encoder": "int8wo"})
     assert not isinstance(pipeline.transformer, quantrt.QuantizedTransformer)  # checked before changing anything
+
+
+@pytest.mark.parametrize("config, scheme", [
+    ({"quant_method": "quanto", "weights_dtype": "int8"}, "int8wo"),
+    ({"quant_method": "quanto", "weights_dtype": "float8"}, "float8wo_e4m3"),
+    ({"scheme": "int4wo", "group_size": 64}, "int4wo"),
+], ids=["quanto-dict-int8", "quanto-dict-float8", "quantconfig-arguments"])
+def test_coerce_routes_library_config_dicts(config, scheme):
+    from quantrt import QuantConfig
+
+    assert QuantConfig.coerce(config).scheme.name == scheme
