@@ -61,7 +61,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .backends import ORDER, _reason, requested_backend
-from .calibrate import calibrate, call_with
+from .calibrate import calibrate, run_examples
 from .config import QuantConfig
 from .kernels.quantize import FP8_DTYPES
 from .metrics import relative_error
@@ -415,13 +415,7 @@ def capture_activations(model: nn.Module, example_inputs: Iterable[Any], names: 
 
     handles = [model.get_submodule(name).register_forward_pre_hook(hook(name), with_kwargs=True) for name in names]
     try:
-        count = 0
-        for example in example_inputs:
-            call_with(model, example)
-            count += 1
-        if count == 0:
-            raise ValueError("autoquant needs at least one example input (a dict of keyword arguments, a tuple of "
-                             "positional ones, or a tensor)")
+        run_examples(model, example_inputs, "autoquant")
     finally:
         for handle in handles:
             handle.remove()

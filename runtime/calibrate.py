@@ -20,6 +20,18 @@ def call_with(model: nn.Module, example: Any) -> Any:
     return model(*args, **kwargs)
 
 
+def run_examples(model: nn.Module, example_inputs: Iterable[Any], who: str) -> int:
+    """Call `model` on every example input (see call_with); how many there were. None is an error naming `who`."""
+    count = 0
+    for example in example_inputs:
+        call_with(model, example)
+        count += 1
+    if count == 0:
+        raise ValueError(f"{who} needs at least one example input (a dict of keyword arguments, a tuple of "
+                         f"positional ones, or a tensor)")
+    return count
+
+
 @torch.no_grad()
 def calibrate(model: nn.Module, example_inputs: Iterable[Any]) -> int:
     """Run `model` on `example_inputs` and set every static-activation layer's scale to the largest
@@ -37,12 +49,7 @@ def calibrate(model: nn.Module, example_inputs: Iterable[Any]) -> int:
 
     handles = [m.register_forward_pre_hook(observe) for m in layers]
     try:
-        count = 0
-        for example in example_inputs:
-            call_with(model, example)
-            count += 1
-        if count == 0:
-            raise ValueError("calibrate needs at least one example input")
+        run_examples(model, example_inputs, "calibrate")
     finally:
         for handle in handles:
             handle.remove()
