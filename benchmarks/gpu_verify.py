@@ -218,6 +218,7 @@ def timing(schemes, shapes, ms, device, log) -> tuple[list[list], float]:
     import torch
     import triton.testing
 
+    from quantrt.bench_kernels import scheme_format
     from quantrt.kernels import common
 
     src = torch.empty(2**30, dtype=torch.uint8, device=device)
@@ -244,7 +245,7 @@ def timing(schemes, shapes, ms, device, log) -> tuple[list[list], float]:
                 stored = sum(t.numel() * t.element_size() for t in (layer.qweight, layer.scale, zero) if t is not None)
                 floor_us = (stored + 2 * m * (n + k)) / bandwidth * 1e6
                 t_ms, how = _bench(lambda: layer(x))
-                fmt = _weight_format(layer.scheme)
+                fmt = scheme_format(layer.scheme)
                 config = common.select_config(x, layer.qweight, layer.scale, zero, layer.bias, fmt)
                 rows.append([f"{n}x{k}", m, label, config.path, f"{t_ms * 1e3:.1f}", f"{base_ms / t_ms:.2f}",
                              f"{floor_us:.1f}", f"{100 * floor_us / (t_ms * 1e3):.0f}%", how])
@@ -252,19 +253,6 @@ def timing(schemes, shapes, ms, device, log) -> tuple[list[list], float]:
         del layers, dense
         torch.cuda.empty_cache()
     return rows, bandwidth / 1e9
-
-
-def _weight_format(scheme):
-    from quantrt.kernels.common import FLOATX, INT8, UINTX, WeightFormat
-    from quantrt.kernels.floatx import FP8_FORMATS
-
-    if scheme.weight == "int8":
-        return WeightFormat(INT8, 8)
-    if scheme.weight == "uintx":
-        return WeightFormat(UINTX, scheme.bits)
-    if scheme.weight == "fpx":
-        return WeightFormat(FLOATX, scheme.bits, scheme.ebits, scheme.mbits)
-    return WeightFormat(FLOATX, 8, *FP8_FORMATS[scheme.fp8])
 
 
 def _table(headers: list[str], rows: list[list]) -> str:

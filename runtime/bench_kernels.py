@@ -132,7 +132,7 @@ class Built:
     kernel_for: Callable[[torch.Tensor], str] | None = None  # the kernel a given x takes, where it depends on M
 
 
-def _scheme_format(scheme: Scheme):
+def scheme_format(scheme: Scheme):
     """The kernels' WeightFormat of a weight-only scheme."""
     from .kernels.common import FLOATX, INT8, UINTX, WeightFormat
     from .kernels.floatx import FP8_FORMATS
@@ -156,7 +156,7 @@ def build_quantrt(layers: list[QuantizedLinear], device: torch.device) -> Built:
     reason = layer.backend.unavailable_reason(layer.scheme, device)
     if reason:
         raise ProviderSkip(reason)
-    fmt = _scheme_format(layer.scheme)
+    fmt = scheme_format(layer.scheme)
 
     def kernel_for(x: torch.Tensor) -> str:
         zero = getattr(layer, "zero", None)
