@@ -7,14 +7,16 @@
           [N, 1] or per tensor [1, 1] (quantize.quantize_fp8); no fp8 inf/nan code occurs (quantize
           clamps), so the fpX decoding serves them too
 
-The kernels, their autotune configs and pruning are the generic ones of common.py with FORMAT = FLOATX,
-BITS = X: codes are decoded by moving exponent and mantissa into float32's fields (subnormals scaled
+The kernel, its configs and pruning are the generic ones of matmul.py and autotune.py with FORMAT =
+FLOATX, BITS = X: codes are decoded by moving exponent and mantissa into float32's fields (subnormals scaled
 from the mantissa); on CUDA with SM >= 8.9 fp8 codes go through the hardware conversion instead.
 """
 
 import torch
 
-from .common import FLOATX, KernelConfig, WeightFormat, check_inputs, dequantize, matmul
+from .autotune import matmul
+from .formats import FLOATX, WeightFormat
+from .matmul import KernelConfig, check_inputs, dequantize
 from .packing import k_alignment, packed_bytes
 from .quantize import FP8_DTYPES, check_floatx
 
@@ -37,7 +39,7 @@ def floatx_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, b
                   ebits: int, mbits: int, *, path: str | None = None,
                   config: KernelConfig | None = None) -> torch.Tensor:
     """x [M, K] fp16/bf16/fp32, qweight uint8 [N, K * X / 8] (X = 1 + ebits + mbits; fp8: [N, K]),
-    scale [N, 1] (fp8 also [1, 1]), bias [N] or None -> [M, N] in x.dtype. `path` ("splitk", "gemm",
+    scale [N, 1] (fp8 also [1, 1]), bias [N] or None -> [M, N] in x.dtype. `path` ("gemv", "gemm",
     "dequant") or `config` force a kernel config."""
     k = x.shape[-1]
     fmt = _format(ebits, mbits, k)

@@ -22,7 +22,7 @@ import torch
 from torch.library import triton_op
 
 from . import quantize as Q
-from .common import interpreting
+from .matmul import interpreting
 from .floatx import FP8_FORMATS
 from .floatx import floatx_linear as _floatx_linear
 from .int8 import int8_linear as _int8_linear

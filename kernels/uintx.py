@@ -2,14 +2,16 @@
 (1 <= X <= 8) packed along K in the bit-plane layout of packing.py, s and z per group [N, K / group_size]
 (quantize.quantize_uintx).
 
-The kernels, their autotune configs and pruning are the generic ones of common.py with FORMAT = UINTX:
-where K % 32 == 0 and the group size is a multiple of 8, each bit plane is read as one word per 8 codes
-(uint32 for the 4-bit plane) so that the loads vectorize; otherwise byte by byte.
+The kernel, its configs and pruning are the generic ones of matmul.py and autotune.py with FORMAT =
+UINTX: where K % 32 == 0 each bit plane is read as 32-bit words (8 codes of the 4-bit plane, 16 of the
+2-bit, 32 of the 1-bit) that vectorize into 16-byte loads; otherwise byte by byte (formats.py).
 """
 
 import torch
 
-from .common import UINTX, KernelConfig, WeightFormat, check_inputs, dequantize, matmul
+from .autotune import matmul
+from .formats import UINTX, WeightFormat
+from .matmul import KernelConfig, check_inputs, dequantize
 from .packing import k_alignment, packed_bytes
 
 
@@ -25,7 +27,7 @@ def uintx_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, ze
                  bias: torch.Tensor | None, bits: int, *, path: str | None = None,
                  config: KernelConfig | None = None) -> torch.Tensor:
     """x [M, K] fp16/bf16/fp32, qweight uint8 [N, K * bits / 8], scale and zero [N, G] (G divides K),
-    bias [N] or None -> [M, N] in x.dtype. `path` ("splitk", "gemm", "dequant") or `config` force a
+    bias [N] or None -> [M, N] in x.dtype. `path` ("gemv", "gemm", "dequant") or `config` force a
     kernel config."""
     k = x.shape[-1]
     fmt = _format(bits, k)

@@ -22,9 +22,10 @@ commands:
   warmup    compile a quantized model for a list of input shapes ahead of serving and save the graphs and
             kernels in the compile cache; --check proves, in a fresh process, that serving starts hot
   bench     benchmarks: `bench kernels` (weight-only matmuls against bf16 torch.mm, torchao, quanto,
-            gemlite), `bench model` (FLUX and Llama, bf16 against each scheme, eager and compiled) and
-            `bench compile` (cold compile against a warm start from the compile cache); results in
-            benchmarks/results/
+            gemlite), `bench model` (FLUX and Llama, bf16 against each scheme, eager and compiled),
+            `bench compile` (cold compile against a warm start from the compile cache) and `bench check`
+            (the GPU check in one bounded run: precompile, parity, torch.compile, speed and targets);
+            results in benchmarks/results/
 """
 
 INFO_SCHEMES = ("int8wo", "int4wo", "uint1wo", "uint2wo", "uint3wo", "uint5wo", "uint6wo", "uint7wo",
@@ -206,6 +207,7 @@ BENCHMARKS = {  # `quantrt bench NAME`: the module quantrt.bench_NAME and its on
     "kernels": "weight-only matmul kernels against bf16 torch.mm, torchao, quanto, gemlite",
     "model": "FLUX and Llama end to end: bf16 against each scheme, eager and compiled",
     "compile": "cold compile against a warm start from the compile cache",
+    "check": "the GPU check in one bounded run: precompile, parity, torch.compile, speed and targets",
 }
 
 
@@ -219,7 +221,7 @@ def _add_bench_parser(sub, bench_arguments: bool) -> None:
     which main sets when the command is `bench`: their options and descriptions matter only then."""
     import importlib
 
-    bench = sub.add_parser("bench", help="benchmarks: kernels and whole models against bf16 and peers",
+    bench = sub.add_parser("bench", help="benchmarks (kernels, whole models, compile) and the GPU check",
                            description="Benchmarks that write a markdown table, a CSV and a PNG plot to "
                                        "benchmarks/results/ (--out-dir). Without CUDA they run a reduced CPU smoke "
                                        "run that checks they work, not their numbers.")

@@ -18,7 +18,7 @@ from . import Backend
 
 try:
     from ..kernels import ops  # registers the quantrt:: ops
-    from ..kernels.common import interpreter_mismatch
+    from ..kernels.matmul import interpreter_mismatch
     from ..kernels.floatx import FP8_FORMATS
 except ImportError as e:  # no triton, or a torch without torch.library.triton_op
     ops = None

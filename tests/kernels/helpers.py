@@ -11,7 +11,7 @@ TOLERANCES = {
 DTYPES = [torch.float16, torch.float32]
 DTYPE_IDS = ["fp16", "fp32"]
 # (path, M, with bias): both kernel paths at M in (1, 7, 33), with and without bias
-CASES = [("splitk", 1, True), ("splitk", 7, False), ("splitk", 33, True),
+CASES = [("gemv", 1, True), ("gemv", 7, False), ("gemv", 33, True),
          ("gemm", 1, False), ("gemm", 7, True), ("gemm", 33, False)]
 CASE_IDS = [f"{path}-M{m}-{'bias' if bias else 'nobias'}" for path, m, bias in CASES]
 N = 80  # not a multiple of the CPU configs' BLOCK_N (32)

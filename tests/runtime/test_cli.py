@@ -60,10 +60,10 @@ print("loaded:", sorted(m for m in sys.modules if m.startswith("quantrt.bench"))
 @pytest.mark.parametrize("argv, loaded, in_help", [
     (["--help"], [], "bench compile"),
     (["info", "--help"], [], "--device"),
-    (["bench", "--help"], ["quantrt.bench_common", "quantrt.bench_compile", "quantrt.bench_kernels",
-                           "quantrt.bench_model"], "cold compile against a warm start"),
-    (["bench", "kernels", "--help"], ["quantrt.bench_common", "quantrt.bench_compile", "quantrt.bench_kernels",
-                                      "quantrt.bench_model"], "--formats"),
+    (["bench", "--help"], ["quantrt.bench_check", "quantrt.bench_common", "quantrt.bench_compile",
+                           "quantrt.bench_kernels", "quantrt.bench_model"], "cold compile against a warm start"),
+    (["bench", "kernels", "--help"], ["quantrt.bench_check", "quantrt.bench_common", "quantrt.bench_compile",
+                                      "quantrt.bench_kernels", "quantrt.bench_model"], "--formats"),
 ], ids=["top-level", "info", "bench", "bench-kernels"])
 def test_only_the_bench_command_imports_the_benchmarks(argv, loaded, in_help):
     out = subprocess.run([sys.executable, "-c", LOADED_BENCHMARKS, *argv], capture_output=True, text=True,

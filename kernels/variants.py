@@ -1,0 +1,168 @@
+"""Every kernel variant the tuner can pick, compiled ahead of use: for the code-generation checks of CI
+(compiled for sm_90 through a stub driver, no GPU) and for warming Triton's cache on a GPU machine before
+a check or a benchmark (`compile_all`).
+
+A variant is one (format, path, activation dtype, config) on a representative problem: N = K = 3072
+(N, K and the strides divisible by 16, as in every real model, so that Triton's specialisation and thus
+the compiled code are the real calls'), M = 1, 16, 64 for the gemv path and 4608 for gemm and dequant,
+uintX in groups of 64 (int4wo's 128 reads the same), int8 per channel. bf16 variants cover every config
+of `autotune.candidates`; fp16 ones the heuristic's configs (the code differs only in conversions).
+
+    python -m quantrt.kernels.variants [--target sm90 | --device cuda] [--processes N] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from . import autotune
+from .formats import FLOATX, INT8, UINTX, WeightFormat
+from .matmul import KernelConfig, fit
+
+N = K = 3072
+GEMV_MS = (1, 16, 64)
+LARGE_M = 4608
+FORMATS = ([WeightFormat(INT8, 8)] + [WeightFormat(UINTX, b) for b in range(1, 8)]
+           + [WeightFormat(FLOATX, 3, 1, 1), WeightFormat(FLOATX, 4, 2, 1), WeightFormat(FLOATX, 5, 2, 2),
+              WeightFormat(FLOATX, 6, 3, 2), WeightFormat(FLOATX, 7, 3, 3),
+              WeightFormat(FLOATX, 8, 4, 3), WeightFormat(FLOATX, 8, 5, 2)])
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+SM_COUNT = 132  # an H100 SXM's, for the heuristic's grid (the config, not the code, depends on it)
+
+
+@dataclass(frozen=True)
+class Variant:
+    fmt: WeightFormat
+    dtype: str
+    m: int
+    config: KernelConfig
+
+    @property
+    def group_size(self) -> int:
+        return 64 if self.fmt.kind == UINTX else 0
+
+    @property
+    def name(self) -> str:
+        c = self.config
+        tile = f"{c.block_m}x{c.block_n}x{c.block_k}" if c.path != "dequant" else f"{c.block_n}x{c.block_k}"
+        return f"{self.fmt.name}/{self.dtype}/{c.path}/M{self.m}/{tile}/w{c.num_warps}s{c.num_stages}"
+
+    def launch(self, device: torch.device | str = "cpu"):
+        """(kernel, grid, arguments, constexprs) of this variant on empty tensors of its shapes."""
+        from . import matmul
+
+        dtype = DTYPES[self.dtype]
+        fmt, k = self.fmt, K
+        if fmt.kind == INT8:
+            qweight = torch.empty(N, k, dtype=torch.int8, device=device)
+        else:
+            qweight = torch.empty(N, k * fmt.bits // 8, dtype=torch.uint8, device=device)
+        scale = torch.empty(N, k // self.group_size if self.group_size else 1, dtype=dtype, device=device)
+        zero = scale if fmt.has_zero else None
+        if self.config.path == "dequant":
+            out = torch.empty(N, k, dtype=dtype, device=device)
+            grid, args, constexprs = matmul.dequantize_launch(qweight, scale, zero, fmt, out, self.config)
+            return matmul._dequantize_kernel, grid, args, constexprs
+        x = torch.empty(self.m, k, dtype=dtype, device=device)
+        out = torch.empty(self.m, N, dtype=dtype, device=device)
+        bias = torch.empty(N, dtype=dtype, device=device)
+        grid, args, constexprs = matmul.matmul_launch(x, qweight, scale, zero, bias, fmt, self.config, out)
+        return matmul._matmul_kernel, grid, args, constexprs
+
+
+def _heuristic_configs(fmt: WeightFormat, m: int, group_size: int) -> list[KernelConfig]:
+    cuda = torch.device("cuda")
+    return [autotune.heuristic(fmt, m, N, K, group_size, cuda, path, sms=SM_COUNT)
+            for path in (["gemv"] if m <= 64 else ["gemm", "dequant"])]
+
+
+def variants() -> list[Variant]:
+    """Every variant the tuner can pick (see the module's docstring), without duplicates."""
+    found: dict[str, Variant] = {}
+    for fmt in FORMATS:
+        group_size = 64 if fmt.kind == UINTX else 0
+        for m in (*GEMV_MS, LARGE_M):
+            configs = autotune.candidates(fmt, m, N, K, group_size, shared_memory=227 * 1024)
+            if m == LARGE_M:  # the gemv configs of the small M buckets are the gemv path's
+                configs = [c for c in configs if c.path != "gemv"]
+            elif m > 1:
+                configs = [c for c in configs if c.path == "gemv"]
+            for dtype, chosen in (("bfloat16", configs), ("float16", _heuristic_configs(fmt, m, group_size))):
+                for config in chosen:
+                    variant = Variant(fmt, dtype, m, fit(config, m))
+                    found.setdefault(variant.name, variant)
+    return list(found.values())
+
+
+def _compile(variant: Variant, device: str | None) -> dict:
+    from . import codegen
+
+    start = time.perf_counter()
+    kernel, grid, args, constexprs = variant.launch(device or "cpu")
+    try:
+        compiled = kernel.warmup(*args, grid=(1,), **constexprs)
+        report = codegen.analyze(compiled).to_dict()
+        error = None
+    except Exception as e:  # reported per variant, never fatal to the others
+        report, error = {}, f"{type(e).__name__}: {e}"
+    return {"variant": variant.name, "path": variant.config.path, "block_m": variant.config.block_m,
+            "seconds": time.perf_counter() - start, "error": error, **report}
+
+
+def _compile_many(names: list[str], device: str | None) -> list[dict]:
+    from . import codegen
+
+    by_name = {v.name: v for v in variants()}
+    with codegen.target_driver() if device is None else contextlib.nullcontext():
+        return [_compile(by_name[name], device) for name in names]
+
+
+def compile_all(device: str | None = None, processes: int | None = None) -> list[dict]:
+    """Compile every variant in parallel, one dict per variant: its name, path, seconds, error (None when
+    it compiled) and the codegen report. device None: for sm_90 through the stub driver (no GPU needed,
+    TRITON_INTERPRET must be unset); "cuda": for the machine's GPU, which also fills Triton's cache."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("the kernels are interpreted (TRITON_INTERPRET=1): unset it to compile them")
+    names = [v.name for v in variants()]
+    processes = max(1, min(processes or os.cpu_count() or 1, len(names)))
+    chunks = [names[i::processes] for i in range(processes)]
+    if processes == 1:
+        return _compile_many(names, device)
+    import multiprocessing
+
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+        results = pool.map(_compile_many, chunks, [device] * len(chunks))
+    return sorted((r for chunk in results for r in chunk), key=lambda r: r["variant"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m quantrt.kernels.variants", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cuda"], help="compile for this machine's GPU (default: sm_90 "
+                        "through a stub driver, no GPU needed)")
+    parser.add_argument("--processes", type=int, default=None, help="parallel compilers (default: all cores)")
+    parser.add_argument("--json", help="write the reports to this file")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    reports = compile_all(args.device, args.processes)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(reports, f, indent=1)
+    failed = [r for r in reports if r["error"]]
+    print(f"{len(reports)} variants compiled in {time.perf_counter() - start:.1f} s, {len(failed)} failed")
+    for r in failed:
+        print(f"  {r['variant']}: {r['error']}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
