@@ -112,7 +112,7 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
 
 def analyze(compiled) -> CodegenReport:
     """Read a compiled kernel (`JITFunction.warmup`'s result for a CUDA target)."""
-    ptx, ttgir = compiled.asm["ptx"], compiled.asm["ttgir"]
+    ptx = compiled.asm["ptx"]
     usage = resource_usage(compiled.asm["cubin"])
     loads = re.findall(r"ld\.global\.L1::evict_first\S*", ptx)
     # cp.async ... [dst], [src], size, src-size, policy: the weights' copies carry the evict_first policy

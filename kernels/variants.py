@@ -5,7 +5,7 @@ a check or a benchmark (`compile_all`).
 A variant is one (format, path, activation dtype, config) on a representative problem: N = K = 3072
 (N, K and the strides divisible by 16, as in every real model, so that Triton's specialisation and thus
 the compiled code are the real calls'), M = 1, 16, 64 for the gemv path and 4608 for gemm and dequant,
-uintX in groups of 64 (int4wo's 128 reads the same), int8 per channel. bf16 variants cover every config
+uintX in groups of 64, int4 also in 128 (int4wo's default), int8, fpX and fp8 per channel. bf16 variants cover every config
 of `autotune.candidates`; fp16 ones the heuristic's configs (the code differs only in conversions).
 
     python -m quantrt.kernels.variants [--target sm90 | --device cuda] [--processes N] [--json FILE]
@@ -31,10 +31,12 @@ from .matmul import KernelConfig, fit
 N = K = 3072
 GEMV_MS = (1, 16, 64)
 LARGE_M = 4608
-FORMATS = ([WeightFormat(INT8, 8)] + [WeightFormat(UINTX, b) for b in range(1, 8)]
-           + [WeightFormat(FLOATX, 3, 1, 1), WeightFormat(FLOATX, 4, 2, 1), WeightFormat(FLOATX, 5, 2, 2),
-              WeightFormat(FLOATX, 6, 3, 2), WeightFormat(FLOATX, 7, 3, 3),
-              WeightFormat(FLOATX, 8, 4, 3), WeightFormat(FLOATX, 8, 5, 2)])
+# (format, group size): uintX in groups of 64 (uintXwo's default), int4 also in int4wo's 128; 0 is one
+# scale per row (int8wo, fpX, fp8)
+FORMATS = ([(WeightFormat(INT8, 8), 0)] + [(WeightFormat(UINTX, b), 64) for b in range(1, 8)]
+           + [(WeightFormat(UINTX, 4), 128)]
+           + [(WeightFormat(FLOATX, *bits), 0) for bits in ((3, 1, 1), (4, 2, 1), (5, 2, 2), (6, 3, 2), (7, 3, 3),
+                                                             (8, 4, 3), (8, 5, 2))])
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 SM_COUNT = 132  # an H100 SXM's, for the heuristic's grid (the config, not the code, depends on it)
 
@@ -42,19 +44,20 @@ SM_COUNT = 132  # an H100 SXM's, for the heuristic's grid (the config, not the c
 @dataclass(frozen=True)
 class Variant:
     fmt: WeightFormat
+    group_size: int  # 0: one scale per row
     dtype: str
     m: int
     config: KernelConfig
 
     @property
-    def group_size(self) -> int:
-        return 64 if self.fmt.kind == UINTX else 0
+    def format_name(self) -> str:
+        return self.fmt.name + (f"-g{self.group_size}" if self.group_size else "")
 
     @property
     def name(self) -> str:
         c = self.config
         tile = f"{c.block_m}x{c.block_n}x{c.block_k}" if c.path != "dequant" else f"{c.block_n}x{c.block_k}"
-        return f"{self.fmt.name}/{self.dtype}/{c.path}/M{self.m}/{tile}/w{c.num_warps}s{c.num_stages}"
+        return f"{self.format_name}/{self.dtype}/{c.path}/M{self.m}/{tile}/w{c.num_warps}s{c.num_stages}"
 
     def launch(self, device: torch.device | str = "cpu"):
         """(kernel, grid, arguments, constexprs) of this variant on empty tensors of its shapes."""
@@ -88,8 +91,7 @@ def _heuristic_configs(fmt: WeightFormat, m: int, group_size: int) -> list[Kerne
 def variants() -> list[Variant]:
     """Every variant the tuner can pick (see the module's docstring), without duplicates."""
     found: dict[str, Variant] = {}
-    for fmt in FORMATS:
-        group_size = 64 if fmt.kind == UINTX else 0
+    for fmt, group_size in FORMATS:
         for m in (*GEMV_MS, LARGE_M):
             configs = autotune.candidates(fmt, m, N, K, group_size, shared_memory=227 * 1024)
             if m == LARGE_M:  # the gemv configs of the small M buckets are the gemv path's
@@ -98,7 +100,7 @@ def variants() -> list[Variant]:
                 configs = [c for c in configs if c.path == "gemv"]
             for dtype, chosen in (("bfloat16", configs), ("float16", _heuristic_configs(fmt, m, group_size))):
                 for config in chosen:
-                    variant = Variant(fmt, dtype, m, fit(config, m))
+                    variant = Variant(fmt, group_size, dtype, m, fit(config, m))
                     found.setdefault(variant.name, variant)
     return list(found.values())
 

@@ -59,7 +59,6 @@ import time
 import traceback
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Callable, Iterator, Sequence, TextIO
 
 import torch
@@ -136,18 +135,17 @@ class ParityPlan:
     ms: tuple[int, ...]
     odd_ms: tuple[int, ...]
     dtypes: tuple[torch.dtype, ...]  # the first is the one whose every tuning candidate is precompiled
-    # the M range (first, last or None) where a forced path is checked; "splitk" is the gemv path's name
-    # before the kernels' rewrite
+    # the M range (first, last or None) where a forced path is checked
     path_ms: dict[str, tuple[int, int | None]]
 
 
 # N = 3088 = 48 * 64 + 16: partial tiles for every BLOCK_N above 16; K / 64 and K / 128 multiples of 16
 GPU_PARITY = ParityPlan(3088, 2048, (1, 16, 64, 4608), (7, 333), (torch.bfloat16, torch.float16),
-                        {"gemv": (1, 64), "splitk": (1, 64), "gemm": (16, None), "dequant": (128, None)})
+                        {"gemv": (1, 64), "gemm": (16, None), "dequant": (128, None)})
 # the interpreter's CPU configs have 32-wide N tiles and 64-wide K tiles: N = 40 ends in a partial tile, K =
 # 128 holds two groups of 64; dequant from M 16 so that a smoke run reaches it
 SMOKE_PARITY = ParityPlan(40, 128, (1, 16), (7,), (torch.float16, torch.float32),
-                          {"gemv": (1, 64), "splitk": (1, 64), "gemm": (16, None), "dequant": (16, None)})
+                          {"gemv": (1, 64), "gemm": (16, None), "dequant": (16, None)})
 WANTED_PATHS = ("gemv", "gemm", "dequant")
 
 
@@ -341,56 +339,39 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _kernels_module(*names: str) -> ModuleType | None:
-    """The first of quantrt.kernels' modules `names` that exists (their layout changes in the rewrite),
-    or None."""
-    import importlib
-
-    for name in names:
-        try:
-            return importlib.import_module(f"{__package__}.kernels.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"{__package__}.kernels.{name}":
-                raise  # the module exists but something it imports does not
-    return None
-
-
 def kernel_paths() -> tuple[str, ...]:
-    """The kernels' forced paths: quantrt.kernels.matmul.PATHS, before the rewrite common.PATHS."""
-    module = _kernels_module("matmul", "common")
-    if module is None:
-        raise ImportError("neither quantrt.kernels.matmul nor quantrt.kernels.common exists")
-    return tuple(module.PATHS)
+    """The kernels' forced paths (quantrt.kernels.matmul.PATHS)."""
+    from .kernels import matmul
+
+    return tuple(matmul.PATHS)
 
 
 def _interpreted() -> bool:
-    module = _kernels_module("matmul", "common")
-    return module is not None and module.interpreting()
+    from .kernels import matmul
+
+    return matmul.interpreting()
 
 
 def kernels_source_hash() -> str:
     """The hash of the kernels' source that keys the tuning table: which kernels these results are of."""
     try:
-        module = _kernels_module("autotune", "common")
-    except Exception as e:  # the kernels may not import mid-rewrite; the parity step reports it
+        from .kernels import autotune
+    except Exception as e:  # a kernel module that does not import: the parity step reports it
         return f"unknown ({_short(e)})"
-    return getattr(module, "SOURCE_HASH", "unknown") if module is not None else "unknown"
+    return autotune.SOURCE_HASH
 
 
 def enable_interpreter() -> None:
     """Off CUDA the kernels run in Triton's interpreter, which must be on before they are imported."""
-    if not any(name.startswith(f"{__package__}.kernels.") and name.rsplit(".", 1)[1] in ("matmul", "common")
-               for name in sys.modules):
+    if f"{__package__}.kernels.matmul" not in sys.modules:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def kernels_unavailable_reason(device: torch.device) -> tuple[str | None, bool]:
     """(why the kernels cannot be checked here, whether that is itself a failure) or (None, False)."""
     try:
-        module = _kernels_module("matmul", "common")
-        if module is None:
-            raise ImportError("neither quantrt.kernels.matmul nor quantrt.kernels.common exists")
         from .kernels import floatx, int8, uintx  # noqa: F401  (the kernel functions import)
+        from .kernels import matmul as module
     except Exception as e:  # a kernel module that does not import is what this check is for
         return f"the kernels do not import: {type(e).__name__}: {e}", True
     if device.type != "cuda" and not module.interpreting():
@@ -543,16 +524,15 @@ def _describe_config(config: dict) -> str:
 
 def step_precompile(ctx: CheckContext, result: StepResult) -> None:
     try:
-        variants = _kernels_module("variants")
-        compile_all = variants.compile_all if variants is not None else None
+        from .kernels import variants
     except Exception as e:  # a variants module that does not import: said, and the check goes on
         ctx.markdown.write("", f"precompile: not available (quantrt.kernels.variants does not import: {_short(e)})")
         ctx.record(CheckRow("precompile", status="not available", note=_short(e)))
         result.status, result.detail = "not available", _short(e)
         return
+    compile_all = getattr(variants, "compile_all", None)
     if compile_all is None:
-        why = ("quantrt.kernels.variants does not exist" if variants is None
-               else "quantrt.kernels.variants has no compile_all")
+        why = "quantrt.kernels.variants has no compile_all"
         ctx.markdown.write("", f"precompile: not available ({why}); kernels compile on first use in the steps below")
         ctx.record(CheckRow("precompile", status="not available", note=why))
         result.status, result.detail = "not available", why

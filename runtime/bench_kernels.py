@@ -34,7 +34,6 @@ import math
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
-from types import ModuleType
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -136,32 +135,18 @@ class Built:
     kernel_for: Callable[[torch.Tensor], str] | None = None  # the kernel a given x takes, where it depends on M
 
 
-def _kernel_module(*names: str) -> ModuleType:
-    """The first of quantrt.kernels' modules `names` that exists: the kernels moved from common.py to
-    formats.py, matmul.py and autotune.py, and the benchmarks serve either layout."""
-    import importlib
-
-    for name in names[:-1]:
-        try:
-            return importlib.import_module(f"{__package__}.kernels.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"{__package__}.kernels.{name}":
-                raise  # the module exists but something it imports does not
-    return importlib.import_module(f"{__package__}.kernels.{names[-1]}")
-
-
 def scheme_format(scheme: Scheme):
     """The kernels' WeightFormat of a weight-only scheme."""
     from .kernels.floatx import FP8_FORMATS
+    from .kernels.formats import FLOATX, INT8, UINTX, WeightFormat
 
-    formats = _kernel_module("formats", "common")
     if scheme.weight == "int8":
-        return formats.WeightFormat(formats.INT8, 8)
+        return WeightFormat(INT8, 8)
     if scheme.weight == "uintx":
-        return formats.WeightFormat(formats.UINTX, scheme.bits)
+        return WeightFormat(UINTX, scheme.bits)
     if scheme.weight == "fpx":
-        return formats.WeightFormat(formats.FLOATX, scheme.bits, scheme.ebits, scheme.mbits)
-    return formats.WeightFormat(formats.FLOATX, 8, *FP8_FORMATS[scheme.fp8])
+        return WeightFormat(FLOATX, scheme.bits, scheme.ebits, scheme.mbits)
+    return WeightFormat(FLOATX, 8, *FP8_FORMATS[scheme.fp8])
 
 
 def build_quantrt(layers: list[QuantizedLinear], device: torch.device) -> Built:
@@ -172,16 +157,15 @@ def build_quantrt(layers: list[QuantizedLinear], device: torch.device) -> Built:
     reason = layer.backend.unavailable_reason(layer.scheme, device)
     if reason:
         raise ProviderSkip(reason)
+    from .kernels import autotune
+
     fmt = scheme_format(layer.scheme)
-    selection = _kernel_module("autotune", "common")
 
     def kernel_for(x: torch.Tensor) -> str:
         zero = getattr(layer, "zero", None)
-        config = selection.select_config(x, layer.qweight, layer.scale, zero, None, fmt)
+        config = autotune.select_config(x, layer.qweight, layer.scale, zero, None, fmt)
         tile = "" if config.path == "dequant" else f" {config.block_m}x{config.block_n}x{config.block_k}"
-        split_k = getattr(config, "split_k", 1)  # the split-K path is gone from the rewritten kernels
-        split = f" split {split_k}" if split_k > 1 else ""
-        return f"triton {config.path}{tile}{split}"
+        return f"triton {config.path}{tile}"
 
     return Built(list(layers), "triton", layer.storage_bytes(), kernel_for)
 

@@ -63,7 +63,7 @@ def test_sm90_code(reports, variant):
 
 
 def test_every_format_path_and_dtype_is_covered():
-    covered = {(v.fmt.name, v.config.path, v.dtype) for v in VARIANTS}
-    formats = {v.fmt.name for v in VARIANTS}
-    assert len(formats) == 15
+    covered = {(v.format_name, v.config.path, v.dtype) for v in VARIANTS}
+    formats = {v.format_name for v in VARIANTS}
+    assert len(formats) == 16 and "uint4-g128" in formats
     assert covered == {(f, p, d) for f in formats for p in ("gemv", "gemm", "dequant") for d in ("bfloat16", "float16")}
