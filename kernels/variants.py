@@ -74,12 +74,18 @@ class Variant:
         if self.config.path == "dequant":
             out = torch.empty(N, k, dtype=dtype, device=device)
             grid, args, constexprs = matmul.dequantize_launch(qweight, scale, zero, fmt, out, self.config)
-            return matmul._dequantize_kernel, grid, args, constexprs
+            return matmul._dequantize_kernel, grid, args, self._for_target(constexprs, device)
         x = torch.empty(self.m, k, dtype=dtype, device=device)
         out = torch.empty(self.m, N, dtype=dtype, device=device)
         bias = torch.empty(N, dtype=dtype, device=device)
         grid, args, constexprs = matmul.matmul_launch(x, qweight, scale, zero, bias, fmt, self.config, out)
-        return matmul._matmul_kernel, grid, args, constexprs
+        return matmul._matmul_kernel, grid, args, self._for_target(constexprs, device)
+
+    def _for_target(self, constexprs: dict, device: torch.device | str) -> dict:
+        # CPU tensors stand for sm_90 ones (the stub driver's target), where fp8 decodes in hardware
+        if torch.device(device).type == "cpu":
+            constexprs = dict(constexprs, NATIVE_FP8=self.fmt.kind == FLOATX and self.fmt.bits == 8)
+        return constexprs
 
 
 def _heuristic_configs(fmt: WeightFormat, m: int, group_size: int) -> list[KernelConfig]:
