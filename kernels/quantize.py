@@ -192,11 +192,16 @@ def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_int8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dynamic symmetric int8 per row. x: [M, K] -> (q int8 [M, K], scale float32 [M, 1])."""
+    """Dynamic symmetric int8 per row. x: [M, K] -> (q int8 [M, K], scale float32 [M, 1]). A row holding
+    NaN or Inf gets a NaN or Inf scale (and codes 0 where x / scale is NaN), so the rows it multiplies come
+    out non-finite as F.linear's would; the other rows are unaffected."""
     xf = x.float()
-    absmax = xf.abs().amax(dim=-1, keepdim=True)
-    scale = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax))
-    return torch.round(xf / scale).clamp_(-127, 127).to(torch.int8), scale
+    absmax = xf.abs().amax(dim=-1, keepdim=True)  # NaN if the row has a NaN, inf if it has an inf
+    # only an all-zero row needs a stand-in scale (0 / 0); `absmax > 0` alone would give a NaN row scale 1
+    # and codes from casting NaN to int8, a finite wrong row
+    scale = torch.where(absmax == 0, torch.ones_like(absmax), absmax / 127.0)
+    codes = torch.round(xf / scale).nan_to_num_(nan=0.0).clamp_(-127, 127)
+    return codes.to(torch.int8), scale
 
 
 def quantize_fp8_dynamic(x: torch.Tensor, fp8: str, per_row: bool) -> tuple[torch.Tensor, torch.Tensor]:

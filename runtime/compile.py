@@ -98,6 +98,15 @@ def signature(args: tuple, kwargs: dict) -> str:
                       separators=(",", ":"))
 
 
+def _grad_mode_of(key: str) -> str | None:
+    """The autograd mode a signature key was made in; None for a key that is not one (an edited manifest)."""
+    try:
+        mode = json.loads(key)[0]
+    except (ValueError, TypeError, KeyError, IndexError):
+        return None
+    return mode if isinstance(mode, str) else None
+
+
 def shape_label(args: tuple, kwargs: dict) -> str:
     """A short human-readable form of the tensor shapes: `hidden_states=1x64x32 txt_ids=16x3`, and the autograd
     mode when it is not no_grad (the mode warmup uses by default)."""
@@ -204,10 +213,15 @@ def compile_settings() -> dict[str, Any]:
 
 
 def settings_difference(theirs: dict[str, Any], ours: dict[str, Any], most: int = 6) -> str:
-    """`inductor.coordinate_descent_tuning: False there, True here; ...`"""
-    diffs = [f"{section}.{key}: {theirs.get(section, {}).get(key)!r} there, {value!r} here"
+    """`inductor.coordinate_descent_tuning: False there, True here; ...`. `theirs` comes from another entry's
+    manifest, read unverified: a part that is not an object counts as empty."""
+    def there(section: str) -> dict[str, Any]:
+        values = theirs.get(section) if isinstance(theirs, dict) else None
+        return values if isinstance(values, dict) else {}
+
+    diffs = [f"{section}.{key}: {there(section).get(key)!r} there, {value!r} here"
              for section, values in ours.items() for key, value in values.items()
-             if theirs.get(section, {}).get(key) != value]
+             if there(section).get(key) != value]
     return "; ".join(diffs[:most]) + (f"; and {len(diffs) - most} more" if len(diffs) > most else "")
 
 
@@ -402,9 +416,9 @@ class CompiledForward:
                 return self.fn(*args, **kwargs), {"graphs": 0, "hits": 0, "misses": 0}, 0.0
             if self.options.strict and self.warmed and not warming and key not in self.warm_signatures:
                 warmed = "; ".join(v["shape"] for v in self.warm_signatures.values()) or "none"
-                modes = {json.loads(k)[0] for k in self.warm_signatures}
+                modes = {mode for mode in map(_grad_mode_of, self.warm_signatures) if mode}
                 hint = ""
-                if grad_mode() not in modes:
+                if modes and grad_mode() not in modes:
                     hint = (f" This call runs in autograd mode {grad_mode()!r} and the warmed graphs are for "
                             f"{', '.join(sorted(modes))}: serve under torch.no_grad() (or the warmed mode), or warm "
                             f"with grad_mode={grad_mode()!r}.")

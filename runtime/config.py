@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -53,7 +55,7 @@ class QuantConfig:
         *,
         group_size: int | None = None,
         weights_dtype: str | None = None,
-        modules_to_not_convert: list[str] | tuple[str, ...] | None = None,
+        modules_to_not_convert: str | list[str] | tuple[str, ...] | None = None,
         modules: Mapping[str, str | QuantConfig | None] | None = None,
         backend: str = "auto",
         activation_scale: float | None = None,
@@ -98,16 +100,32 @@ class QuantConfig:
         self.requested = scheme if scheme is not None else weights_dtype
         self.group_size = group_size
         self.weights_dtype = weights_dtype
-        self.modules_to_not_convert = list(modules_to_not_convert or [])
+        self.modules_to_not_convert = _module_names(modules_to_not_convert)
         self.backend = backend
-        self.activation_scale = activation_scale
+        self.activation_scale = _activation_scale(activation_scale)
         self.scheme_kwargs = dict(scheme_kwargs)
         self.modules: dict[str, QuantConfig | None] = {}
+        if modules is not None and not isinstance(modules, Mapping):
+            raise TypeError(f"modules maps module names to schemes, e.g. {{'proj_out': 'int8wo', 're:.*ff.*': "
+                            f"'int4wo', 'norm_out.linear': None}}; got a {type(modules).__name__}: {modules!r}")
         for key, value in (modules or {}).items():
+            if not isinstance(key, str):
+                raise TypeError(f"modules keys are module names ('blocks.0.attn.to_q') or 're:<regex>' patterns, "
+                                f"got the key {key!r} ({type(key).__name__}); write it as a string")
+            if not key.strip():
+                raise ValueError(f"modules has an empty key, which names no layer; write the module's name "
+                                 f"('blocks.0.attn.to_q') or a 're:<regex>' pattern")
             if value is None or isinstance(value, QuantConfig):
                 self.modules[key] = value
+            elif isinstance(value, (str, Scheme)):
+                try:
+                    self.modules[key] = QuantConfig(value, backend=backend)
+                except (TypeError, ValueError) as e:
+                    raise type(e)(f"modules[{key!r}]: {e}") from e
             else:
-                self.modules[key] = QuantConfig(value, backend=backend)
+                raise TypeError(f"modules[{key!r}] must be a scheme name such as 'int4wo', a QuantConfig (e.g. "
+                                f"QuantConfig('int4wo', group_size=64)) or None (keep full precision), got "
+                                f"{type(value).__name__} {value!r}")
             if key.startswith("re:"):
                 try:
                     re.compile(key[3:])
@@ -207,6 +225,46 @@ class QuantConfig:
             return (f"QuantConfig('autoquant', candidates={candidates}, max_error={self.max_error}, "
                     f"objective={self.objective!r}{extras})")
         return f"QuantConfig({self.scheme.name!r}, group_size={self.scheme.group_size}{extras})"
+
+
+def _module_names(value: Any) -> list[str]:
+    """modules_to_not_convert -> a list of names. A lone string is one name (not its characters)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    elif isinstance(value, Mapping) or not isinstance(value, Iterable):
+        raise TypeError(f"modules_to_not_convert is a list of module names, e.g. ['proj_out', 'norm_out'], got "
+                        f"{type(value).__name__} {value!r}")
+    names = list(value)
+    for entry in names:
+        if not isinstance(entry, str):
+            raise TypeError(f"modules_to_not_convert holds module names (strings such as 'proj_out' or "
+                            f"'transformer_blocks.0'), got {entry!r} ({type(entry).__name__}) in {names!r}")
+        if not entry.strip():
+            raise ValueError(f"modules_to_not_convert has an empty name in {names!r}, which matches no layer; "
+                             f"remove it or write the module's name, e.g. 'proj_out'")
+    return names
+
+
+def _activation_scale(value: Any) -> float | None:
+    """activation_scale as a float: None (not calibrated yet) or a positive finite number."""
+    if value is None:
+        return None
+    if isinstance(value, (bool, str)):
+        raise TypeError(f"activation_scale is a number (the fp8 static activation scale, e.g. 0.01), got "
+                        f"{type(value).__name__} {value!r}")
+    try:
+        scale = float(value)  # also a numpy number or a one-element tensor
+    except (TypeError, ValueError):
+        raise TypeError(f"activation_scale is a number (the fp8 static activation scale, e.g. 0.01), got "
+                        f"{type(value).__name__} {value!r}") from None
+    if not (math.isfinite(scale) and scale > 0):
+        # x / 0, x / NaN and x / inf quantize every activation to NaN, inf or 0: every output would be non-finite
+        raise ValueError(f"activation_scale must be a finite number > 0 (the inputs' absmax / 448 for fp8 e4m3), "
+                         f"got {value!r}; pass a measured scale or leave it None and run "
+                         f"quantrt.calibrate(model, example_inputs)")
+    return scale
 
 
 def _autoquant_candidates(values: Sequence[Any]) -> tuple[Scheme | None, ...]:

@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 
 from .config import QuantConfig
-from .schemes import PARAMETRIZED, Scheme
+from .schemes import FP8_WEIGHT_DTYPES, PARAMETRIZED, Scheme
 
 # torchao config classes that quantrt maps (any torchao version that had them)
 TORCHAO_CONFIGS = (
@@ -115,12 +115,13 @@ def _granularity(value: Any, what: str) -> tuple[str, int | None]:
         return "default", None
     kind = _kind(value)
     if kind == "PerGroup":
-        return "group", int(value.group_size)
+        # as given: QuantConfig checks it is a whole number (int() would truncate 64.5 to 64)
+        return "group", value.group_size
     if kind in ("PerRow", "PerToken") or (kind == "PerAxis" and getattr(value, "axis", 0) == 0):
         return "channel", None
     if kind == "PerTensor":
         return "tensor", None
-    raise ValueError(f"{what}: granularity {kind} has no quantrt scheme; use PerRow() (one scale per output "
+    raise ValueError(f"{what}: granularity={value!r} has no quantrt scheme; use PerRow() (one scale per output "
                      f"channel) or PerGroup(group_size)")
 
 
@@ -128,15 +129,16 @@ def _not_reproduced(kind: str, option: str, note: str) -> None:
     warnings.warn(f"{kind}: {option} is mapped onto quantrt's scheme, which {note}", UserWarning, stacklevel=4)
 
 
-def _fp8_name(dtype: Any) -> str:
-    name = str(dtype).replace("torch.", "")
-    if "e5m2" in name:
-        return "e5m2"
-    if "e4m3" in name:
-        if "fnuz" in name:
-            raise ValueError(f"{name} (the ROCm MI300 fp8 variant) has no quantrt scheme; use torch.float8_e4m3fn")
-        return "e4m3"
-    raise ValueError(f"{dtype} is not a float8 dtype")
+def _fp8_name(dtype: Any, kind: str, field_name: str) -> str:
+    """The float8 dtype in field `field_name` of torchao's `kind` config -> 'e4m3' or 'e5m2'."""
+    name = str(dtype).replace("torch.", "").strip().lower()
+    if "fnuz" in name:
+        raise ValueError(f"{kind}({field_name}={dtype!r}): {name} (the ROCm MI300 fp8 variant) has no quantrt "
+                         f"scheme; use torch.float8_e4m3fn or torch.float8_e5m2")
+    if name not in FP8_WEIGHT_DTYPES:
+        raise ValueError(f"{kind}({field_name}={dtype!r}): {field_name} is not a float8 dtype; use "
+                         f"torch.float8_e4m3fn or torch.float8_e5m2")
+    return FP8_WEIGHT_DTYPES[name]
 
 
 def _torchao_scheme(config: Any) -> tuple[str, int | None, dict[str, Any]]:
@@ -175,14 +177,14 @@ def _torchao_scheme(config: Any) -> tuple[str, int | None, dict[str, Any]]:
         # quantrt's uintX is asymmetric with float zero points: it holds symmetric intX grids too
         return f"uint{bits[1]}wo", group, {}
     if kind == "FPXWeightOnlyConfig":
-        ebits, mbits = int(field("ebits")), int(field("mbits"))
-        return f"fp{1 + ebits + mbits}_e{ebits}m{mbits}", None, {}
+        # the long name checks that ebits and mbits are whole numbers (int() would truncate 3.7 to 3)
+        return "fpx_weight_only", None, {"ebits": field("ebits"), "mbits": field("mbits")}
     if kind == "Float8WeightOnlyConfig":
         granularity, _ = _granularity(field("granularity"), kind)
         if granularity in ("tensor", "group"):
             raise ValueError(f"{kind} with {granularity} scales has no quantrt scheme: float8wo keeps one scale "
                              f"per output channel (PerRow)")
-        return f"float8wo_{_fp8_name(field('weight_dtype', torch.float8_e4m3fn))}", None, {}
+        return f"float8wo_{_fp8_name(field('weight_dtype', torch.float8_e4m3fn), kind, 'weight_dtype')}", None, {}
     if kind == "Int8DynamicActivationInt8WeightConfig":
         granularity, _ = _granularity(field("granularity"), kind)
         if granularity in ("tensor", "group"):
@@ -203,7 +205,7 @@ def _torchao_scheme(config: Any) -> tuple[str, int | None, dict[str, Any]]:
                          f"activations with torch.int4 PerGroup weights (int4dq) or torch.int8 PerRow weights (int8dq)")
     if kind == "Float8DynamicActivationFloat8WeightConfig":
         for name in ("activation_dtype", "weight_dtype"):
-            if _fp8_name(field(name, torch.float8_e4m3fn)) != "e4m3":
+            if _fp8_name(field(name, torch.float8_e4m3fn), kind, name) != "e4m3":
                 raise ValueError(f"{kind}({name}={field(name)}) has no quantrt scheme: float8dq is e4m3 for both "
                                  f"activations and weights")
         granularity, _ = _granularity(field("granularity"), kind)
@@ -225,7 +227,7 @@ def _torchao_scheme(config: Any) -> tuple[str, int | None, dict[str, Any]]:
     raise ValueError(f"torchao's {kind} has no quantrt scheme; quantrt maps {', '.join(TORCHAO_CONFIGS)}")
 
 
-def _from_torchao(config: Any, backend: str, modules_to_not_convert: list[str] | None = None) -> QuantConfig:
+def _from_torchao(config: Any, backend: str, modules_to_not_convert: str | list[str] | None = None) -> QuantConfig:
     kind = _kind(config)
     if kind in ("FqnToConfig", "ModuleFqnToConfig", "AOPerModuleConfig"):
         return _from_fqn_to_config(config, backend, modules_to_not_convert)
@@ -234,7 +236,7 @@ def _from_torchao(config: Any, backend: str, modules_to_not_convert: list[str] |
                        backend=backend, **extra)
 
 
-def _from_fqn_to_config(config: Any, backend: str, modules_to_not_convert: list[str] | None) -> QuantConfig:
+def _from_fqn_to_config(config: Any, backend: str, modules_to_not_convert: str | list[str] | None) -> QuantConfig:
     """torchao's FqnToConfig({fqn or "re:regex": config or None, "_default": config}) -> QuantConfig with
     per-module overrides. Without "_default", torchao leaves unnamed layers alone: so does the result."""
     table = getattr(config, "fqn_to_config", None) or getattr(config, "module_fqn_to_config", None) or {}
@@ -260,7 +262,7 @@ def _from_fqn_to_config(config: Any, backend: str, modules_to_not_convert: list[
 
 
 def _from_shorthand(quant_type: str, kwargs: Mapping[str, Any], backend: str,
-                    modules_to_not_convert: list[str] | None) -> QuantConfig:
+                    modules_to_not_convert: str | list[str] | None) -> QuantConfig:
     """diffusers' string TorchAoConfig (before diffusers 0.38): a shorthand plus torchao keyword arguments."""
     kwargs = dict(kwargs)
     group_size = kwargs.pop("group_size", None)
@@ -295,8 +297,8 @@ def _quant_method(obj: Any) -> str | None:
 def _from_quant_method(obj: Any, method: str, backend: str) -> QuantConfig:
     """A diffusers / transformers quantization config (object or its to_dict form) -> QuantConfig."""
     get = (lambda k, d=None: obj.get(k, d)) if isinstance(obj, Mapping) else (lambda k, d=None: getattr(obj, k, d))
-    skip = get("modules_to_not_convert")
-    skip = list(skip) if skip else None
+    # as given: QuantConfig takes a lone string as one name (list() would split it into characters)
+    skip = get("modules_to_not_convert") or None
     if method == "torchao":
         quant_type = get("quant_type")
         if isinstance(quant_type, Mapping) and "default" in quant_type and len(quant_type) == 1:

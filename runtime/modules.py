@@ -119,6 +119,9 @@ def checked_input(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
     nn.Linear, a layer never casts its input silently: x must be in the layer's dtype; only under
     torch.autocast is a floating x cast to it (nn.Linear computes in the autocast dtype there)."""
     dtype = layer.scale.dtype
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"layer {layer.name!r} takes a torch.Tensor of shape [..., {layer.in_features}], got a "
+                        f"{type(x).__name__}; convert it first: torch.as_tensor(x, dtype={dtype})")
     if x.dtype != dtype:
         if not x.is_floating_point():
             raise ValueError(f"layer {layer.name!r} got a {x.dtype} input {tuple(x.shape)}; quantized layers "

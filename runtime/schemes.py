@@ -8,6 +8,7 @@ weights dtype or qtype) into one. Storage and its inverse live in `quantrt.kerne
 from __future__ import annotations
 
 import difflib
+import operator
 import re
 from dataclasses import dataclass, replace
 
@@ -196,6 +197,13 @@ PARAMETRIZED = ("uintx_weight_only", "fpx_weight_only", "float8_weight_only",
                 "float8_dynamic_activation_float8_weight")
 
 _FPX = re.compile(r"^fp(\d)_e(\d)[mw](\d)$")
+# a group spans at most one row of K weights, and no layer's K comes near 2**20; larger values are typos
+# (2**40, inf) that would keep every layer in full precision or overflow the kernels' int32 arguments
+MAX_GROUP_SIZE = 2**20
+# the spellings of float8_weight_only's weight_dtype= (torch.float8_e4m3fn or the name) -> quantrt's fp8 kind;
+# the ROCm "fnuz" variants are other formats, so they are not here
+FP8_WEIGHT_DTYPES = {"float8_e4m3fn": "e4m3", "e4m3fn": "e4m3", "e4m3": "e4m3",
+                     "float8_e5m2": "e5m2", "e5m2": "e5m2"}
 
 
 def valid_names() -> list[str]:
@@ -221,44 +229,128 @@ def _dtype_name(value) -> str:
     return str(value).replace("torch.", "").lower()
 
 
+def whole_number(value: object) -> int | None:
+    """`value` as an int when it is a whole number, else None. Whole numbers: ints (also numpy's and 0-d
+    integer tensors), floats / Decimals / Fractions / 0-d float tensors with no fractional part (64.0,
+    Fraction(64), Decimal("64")) and decimal strings ("64", from a JSON file or a command line). Never a
+    bool, and never truncated: 64.5, Decimal("64.5"), inf and NaN are None."""
+    if isinstance(value, bool) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool"):
+        return None
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0:
+            return None
+        value = value.item()
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            return None
+    try:
+        return operator.index(value)  # exact for ints of any size, numpy's ints and 0-d integer arrays
+    except TypeError:
+        pass
+    try:
+        integral = int(value)  # floats, Decimals, Fractions: truncates, so compare below
+    except (TypeError, ValueError, OverflowError):  # not a number, NaN, inf
+        return None
+    try:
+        return integral if bool(integral == value) else None
+    except (TypeError, ValueError):  # an array of several values
+        return None
+
+
+def _uintx_bits(kwargs: dict) -> int:
+    """uintx_weight_only's code width from dtype= (torch.uint1 .. torch.uint7, or its name) and/or bits=."""
+    dtype, bits = kwargs.pop("dtype", None), kwargs.pop("bits", None)
+    width = None
+    if dtype is not None:
+        match = re.fullmatch(r"uint(\d)", _dtype_name(dtype).strip())
+        width = int(match.group(1)) if match else None
+        if width is None or not 1 <= width <= 7:
+            raise ValueError(f"uintx_weight_only: dtype must be torch.uint1 .. torch.uint7, got dtype={dtype!r}; "
+                             f"e.g. QuantConfig('uintx_weight_only', dtype=torch.uint4)")
+    if bits is not None:
+        count = whole_number(bits)
+        if count is None or not 1 <= count <= 7:
+            raise ValueError(f"uintx_weight_only: bits must be a whole number from 1 to 7 (the width of the "
+                             f"stored codes), got bits={bits!r}; e.g. bits=4 for uint4wo")
+        if width is not None and width != count:
+            raise ValueError(f"uintx_weight_only: dtype={dtype!r} and bits={bits!r} disagree; give one of them")
+        width = count
+    if width is None:
+        raise ValueError("uintx_weight_only needs dtype=torch.uint1 .. torch.uint7 (or bits=1..7), e.g. "
+                         "QuantConfig('uintx_weight_only', dtype=torch.uint4)")
+    return width
+
+
+def _fpx_bits(kwargs: dict) -> tuple[int, int]:
+    """fpx_weight_only's (ebits, mbits), each a whole number."""
+    if "ebits" not in kwargs or "mbits" not in kwargs:
+        raise ValueError("fpx_weight_only needs ebits= and mbits=, e.g. QuantConfig('fpx_weight_only', ebits=3, mbits=2)")
+    counts = []
+    for argument in ("ebits", "mbits"):
+        value = kwargs.pop(argument)
+        count = whole_number(value)
+        if count is None:
+            raise ValueError(f"fpx_weight_only: {argument} must be a whole number of bits, got {argument}={value!r}; "
+                             f"e.g. ebits=3, mbits=2 for fp6_e3m2")
+        counts.append(count)
+    return counts[0], counts[1]
+
+
+def _fp8_weight_kind(weight_dtype) -> str:
+    """float8_weight_only's weight_dtype= -> 'e4m3' or 'e5m2'."""
+    kind = FP8_WEIGHT_DTYPES.get(_dtype_name(weight_dtype).strip())
+    if kind is None:
+        raise ValueError(f"float8_weight_only: weight_dtype must be torch.float8_e4m3fn or torch.float8_e5m2, got "
+                         f"weight_dtype={weight_dtype!r}")
+    return kind
+
+
+def _fp8_granularity(granularity) -> str:
+    """float8_dynamic_activation_float8_weight's granularity= -> 'tensor' or 'row'. Takes 'tensor' / 'row'
+    ('per_tensor', 'PerRow', ...), torchao's PerTensor() / PerRow(), or a pair of them (activation, weight)
+    that agree."""
+    if isinstance(granularity, (tuple, list)):
+        kinds = {_fp8_granularity(g) for g in granularity}
+        if len(kinds) == 1:
+            return kinds.pop()
+    else:
+        name = granularity if isinstance(granularity, str) else type(granularity).__name__
+        kind = name.strip().lower().replace("_", "").removesuffix("()").removeprefix("per")
+        if kind in ("tensor", "row"):
+            return kind
+    raise ValueError(f"float8_dynamic_activation_float8_weight: granularity must be 'tensor' or 'row' (or torchao's "
+                     f"PerTensor() / PerRow(), the same for activations and weights), got granularity={granularity!r}")
+
+
 def _parametrized(name: str, kwargs: dict) -> Scheme:
     if name == "uintx_weight_only":
-        dtype, bits = kwargs.pop("dtype", None), kwargs.pop("bits", None)
-        if bits is None and dtype is not None:
-            match = re.fullmatch(r"uint(\d)", _dtype_name(dtype))
-            bits = int(match.group(1)) if match else None
-        if bits is None or not 1 <= int(bits) <= 7:
-            raise ValueError(f"uintx_weight_only needs dtype=torch.uint1 .. torch.uint7 (or bits=1..7), got {dtype!r}")
-        return SCHEMES[f"uint{int(bits)}wo"]
+        return SCHEMES[f"uint{_uintx_bits(kwargs)}wo"]
     if name == "fpx_weight_only":
-        if "ebits" not in kwargs or "mbits" not in kwargs:
-            raise ValueError("fpx_weight_only needs ebits= and mbits=, e.g. QuantConfig('fpx_weight_only', ebits=3, mbits=2)")
-        return _fpx(int(kwargs.pop("ebits")), int(kwargs.pop("mbits")))
+        return _fpx(*_fpx_bits(kwargs))
     if name == "float8_weight_only":
-        fp8 = _dtype_name(kwargs.pop("weight_dtype", "float8_e4m3fn"))
-        return SCHEMES["float8wo_e5m2" if "e5m2" in fp8 else "float8wo_e4m3"]
-    granularity = kwargs.pop("granularity", "tensor")
-    granularity = _dtype_name(granularity[0] if isinstance(granularity, (tuple, list)) else granularity)
-    return SCHEMES["float8dq_e4m3_row" if "row" in granularity else "float8dq_e4m3_tensor"]
+        kind = _fp8_weight_kind(kwargs.pop("weight_dtype", "float8_e4m3fn"))
+        return SCHEMES[f"float8wo_{kind}"]
+    kind = _fp8_granularity(kwargs.pop("granularity", "tensor"))
+    return SCHEMES[f"float8dq_e4m3_{kind}"]
 
 
 def _check_group_size(scheme: Scheme, group_size: int) -> None:
     if scheme.weight in ("fpx", "fp8"):
         raise ValueError(f"{scheme.name} uses one scale per output channel and takes no group_size "
                          f"(got {group_size}); use int8wo, int4wo or uintXwo for grouped scales")
-    if group_size < 8 or group_size & (group_size - 1):
-        raise ValueError(f"{scheme.name}: group_size must be a power of two >= 8 (32, 64, 128, 256 are "
-                         f"usual), got {group_size}")
+    if group_size < 8 or group_size & (group_size - 1) or group_size > MAX_GROUP_SIZE:
+        raise ValueError(f"{scheme.name}: group_size must be a power of two >= 8 and <= 2**20 (32, 64, 128, 256 "
+                         f"are usual), got {group_size}")
 
 
-def _whole_number(scheme: Scheme, group_size) -> int:
-    """group_size as an int: 64, 64.0 or "64" (from a JSON file or a command line); else a ValueError."""
-    try:
-        value = int(group_size)
-    except (TypeError, ValueError):
-        value = None
-    if value is None or isinstance(group_size, bool) or (isinstance(group_size, float) and group_size != value):
-        raise ValueError(f"{scheme.name}: group_size must be a whole number, got {group_size!r}")
+def _whole_group_size(scheme: Scheme, group_size) -> int:
+    """group_size as an int (see `whole_number`), else a ValueError."""
+    value = whole_number(group_size)
+    if value is None:
+        raise ValueError(f"{scheme.name}: group_size must be a whole number, got {group_size!r}; give a power of "
+                         f"two >= 8 such as 64 (or None for the scheme's default)")
     return value
 
 
@@ -294,7 +386,7 @@ def resolve_scheme(name: str | Scheme, group_size: int | None = None, **kwargs) 
         else:
             raise _unknown(name)
     if group_size is not None:
-        group_size = _whole_number(scheme, group_size)
+        group_size = _whole_group_size(scheme, group_size)
     if group_size == -1 and scheme.weight == "uintx":
         raise ValueError(f"{scheme.name} stores its {scheme.bits}-bit codes in groups; group_size=-1 (one scale "
                          f"per output channel) is for int8wo: give a power of two >= 8, e.g. "

@@ -58,7 +58,7 @@ import torch.nn.functional as F
 
 from ..kernels.packing import unpack_uintx
 from ..kernels.quantize import FP8_DTYPES
-from . import Backend
+from . import Backend, BackendUnavailable
 
 if TYPE_CHECKING:
     from ..modules import QuantizedLinear
@@ -66,6 +66,11 @@ if TYPE_CHECKING:
 
 # group sizes of torchao's tinygemm int4 kernel (Int4TilePackedTo4dTensor)
 TINYGEMM_GROUP_SIZES = (32, 64, 128, 256)
+# layer dtypes torchao serves: its int8 / intX quantization asserts them (a float64 weight fails with
+# "Unsupported input dtype: torch.float64", or a bare AssertionError). Weight-only fp8 happens to run in
+# float64 on CPU; one rule for every scheme keeps the choice predictable, and float64 falls back to quanto
+# or the reference
+SERVED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 class TorchaoCannotServe(Exception):
@@ -278,12 +283,24 @@ class TorchaoBackend(Backend):
             return str(e)
         return None
 
+    def layer_unavailable_reason(self, scheme: Scheme, device: torch.device, shape: tuple[int, int],
+                                 dtype: torch.dtype | None) -> str | None:
+        if dtype is not None and dtype not in SERVED_DTYPES:
+            return f"torchao quantizes bfloat16, float16 and float32 layers, not {dtype}"
+        return None
+
     def prepare(self, layer: QuantizedLinear) -> None:
         layer.backend_weight = None
         if layer.qweight.is_meta:  # a skeleton before its tensors are loaded: nothing to build yet
             return
         dtype = layer.scale.dtype
         device = layer.qweight.device
+        # a layer moved to another dtype after its backend was chosen (layer.to(torch.float64))
+        reason = self.layer_unavailable_reason(layer.scheme, device, (layer.out_features, layer.in_features), dtype)
+        if reason is not None:
+            raise BackendUnavailable(f"layer {layer.name!r} ({layer.scheme.name}) is served by torchao, and {reason}; "
+                                     f"convert the model to one of those dtypes, or quantize it in {dtype} with "
+                                     f"backend='auto' (which falls back) or backend='reference'")
         try:
             config = torchao_config(layer.scheme, device, dtype)
         except TorchaoCannotServe as e:

@@ -5,7 +5,8 @@ torch.compile(fullgraph=True) traces without graph breaks.
 Serves every weight-only scheme (int8, uintX/int4, fpX, fp8) on CUDA; on CPU only with TRITON_INTERPRET=1
 set before quantrt is imported, when the same kernels run through Triton's interpreter (slow: for tests).
 bfloat16 inputs on CPU are computed in fp32 by the ops and rounded to bf16, since the interpreter gets
-bf16 wrong; that cannot be known at selection (no dtype there), so it is handled per call.
+bf16 wrong (handled per call). Layers in other dtypes than fp16 / bf16 / fp32 (float64) are refused at
+selection (`layer_unavailable_reason`), so `auto` passes over them.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from . import Backend
 
 try:
     from ..kernels import ops  # registers the quantrt:: ops
-    from ..kernels.matmul import interpreter_mismatch
+    from ..kernels.matmul import FLOAT_DTYPES, interpreter_mismatch
     from ..kernels.floatx import FP8_FORMATS
 except ImportError as e:  # no triton, or a torch without torch.library.triton_op
     ops = None
@@ -44,6 +45,12 @@ class TritonBackend(Backend):
             return ("Triton kernels need a CUDA device (or TRITON_INTERPRET=1 to run them through the "
                     "interpreter on CPU)")
         return interpreter_mismatch()
+
+    def layer_unavailable_reason(self, scheme, device: torch.device, shape: tuple[int, int],
+                                 dtype: torch.dtype | None) -> str | None:
+        if dtype is not None and dtype not in FLOAT_DTYPES:
+            return f"the kernels compute in float16, bfloat16 or float32, not {dtype}"
+        return None
 
     def linear(self, layer, x: torch.Tensor) -> torch.Tensor:
         scheme = layer.scheme

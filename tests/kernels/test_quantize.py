@@ -126,3 +126,23 @@ def test_uintx_property(bits, groups, log_group, rows, seed):
     rng = (w.reshape(rows, groups, g).amax(-1) - w.reshape(rows, groups, g).amin(-1)).repeat_interleave(g, 1)
     # never worse than one full step of the min/max grid
     assert ((dq - w).abs() <= rng / (2**bits - 1) + 1e-5).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+def test_int8_per_token_gives_a_row_with_nan_or_inf_a_non_finite_scale_and_leaves_other_rows_alone(bad, dtype):
+    # before: a NaN row got scale 1 and codes cast from NaN, which dequantize to a finite, wrong row
+    x = (torch.randn(4, 64) * 3).to(dtype)
+    x[3] = 0  # an all-zero row keeps its stand-in scale 1 and codes 0
+    dirty = x.clone()
+    dirty[1, 17] = bad
+    q, scale = Q.quantize_int8_per_token(dirty)
+    assert not torch.isfinite(scale[1]).any()
+    if bad != bad:  # NaN: the scale is NaN, so every output of the row is NaN
+        assert scale[1].isnan().all()
+    assert q.abs().max() <= 127
+    assert (q.float() * scale)[1].isfinite().logical_not().any()
+    # every other row is quantized exactly as without the bad row
+    clean_q, clean_scale = Q.quantize_int8_per_token(x[[0, 2, 3]])
+    assert torch.equal(q[[0, 2, 3]], clean_q) and torch.equal(scale[[0, 2, 3]], clean_scale)
+    assert scale[3].item() == 1.0 and not q[3].any()

@@ -196,3 +196,86 @@ def test_backend_without_derived_tensors_costs_nothing_beyond_the_buffers():
     layer = qt.quantized_layers()["0"]
     assert layer.backend.derived_tensors(layer) == [] and layer.backend.extra_bytes(layer) == 0
     assert layer.storage_bytes() == sum(b.numel() * b.element_size() for b in layer.buffers())
+
+
+DTYPE_IDS = {torch.float64: "fp64", torch.float32: "fp32", torch.bfloat16: "bf16"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("backend, scheme", [("reference", "int8dq"), ("torchao", "int8dq"), ("reference", "int4dq"),
+                                             ("torchao", "int4dq")], ids=lambda v: v)
+def test_a_nan_or_inf_activation_row_gives_non_finite_outputs_in_that_row_only(backend, scheme, bad, dtype):
+    # before: the reference's per-token int8 quantizer turned a NaN row into a finite, wrong row
+    qt = quantize(QuantConfig(scheme, backend=backend), model=linear_model(dtype))
+    assert backends_of(qt) == {backend}
+    x = torch.randn(4, 256, dtype=dtype)
+    clean = qt(x)
+    dirty = x.clone()
+    dirty[1, 17] = bad
+    y = qt(dirty)
+    assert not y[1].isfinite().any(), y[1]
+    if bad != bad:
+        assert y[1].isnan().all(), y[1]
+    assert torch.equal(y[[0, 2, 3]], clean[[0, 2, 3]])
+    assert clean.isfinite().all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("scheme, group_size", [("int8wo", None), ("uint4wo", 32), ("float8wo_e4m3", None),
+                                                ("int8dq", None), ("int4dq", 32)],
+                         ids=["int8wo", "uint4wo", "float8wo_e4m3", "int8dq", "int4dq"])
+def test_auto_passes_over_backends_that_cannot_take_the_layer_dtype_and_says_why(scheme, group_size, dtype):
+    # before: auto chose torchao for float64 layers, which then failed ("Unsupported input dtype: torch.float64")
+    model = linear_model(dtype)
+    reference = quantize(QuantConfig(scheme, group_size=group_size, backend="reference"), model=copy.deepcopy(model))
+    qt = quantize(QuantConfig(scheme, group_size=group_size), model=model)
+    reports = [r for r in qt.summary() if r.quantized]
+    assert len(reports) == 2
+    for report in reports:
+        if dtype == torch.float64:
+            assert report.backend in ("quanto", "reference"), report
+            assert "torchao: torchao quantizes bfloat16, float16 and float32 layers, not torch.float64" in report.why
+        else:
+            assert report.backend == "torchao", report
+        assert "triton:" in report.why
+    x = torch.randn(5, 256, dtype=dtype)
+    y = qt(x)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y, reference(x), **tolerance(scheme, torch.float32))
+
+
+@pytest.mark.parametrize("backend, scheme", [("torchao", "int8wo"), ("torchao", "uint4wo"), ("torchao", "int8dq"),
+                                             ("triton", "uint4wo")], ids=lambda v: v)
+def test_an_explicit_backend_that_cannot_take_the_layer_dtype_names_layer_dtype_and_usable_backends(backend, scheme):
+    config = QuantConfig(scheme, group_size=32 if scheme == "uint4wo" else None, backend=backend)
+    with pytest.raises(BackendUnavailable) as error:
+        quantize(config, model=linear_model(torch.float64))
+    message = str(error.value)
+    for words in ["layer '0'", f"backend {backend!r}", scheme, "not torch.float64", "Use backend='auto' to fall back"]:
+        assert words in message, message
+    usable = message.rsplit("one of: ", 1)[1].split(", ")
+    assert "reference" in usable and "torchao" not in usable and "triton" not in usable, message
+
+
+def test_a_torchao_layer_moved_to_float64_raises_naming_the_layer_and_the_fix():
+    # before: a bare AssertionError from inside torchao
+    qt = quantize(QuantConfig("uint4wo", group_size=32, backend="torchao"))
+    with pytest.raises(BackendUnavailable, match=r"layer '0' \(uint4wo\) is served by torchao.*not torch\.float64.*"
+                                                 r"backend='auto'"):
+        qt.to(torch.float64)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torchao", "quanto"])
+@pytest.mark.parametrize("make_input", [lambda: torch.randn(2, 256).tolist(), lambda: tuple(torch.randn(256).tolist()),
+                                        lambda: torch.randn(2, 256).numpy(), lambda: 1.0],
+                         ids=["a-list", "a-tuple", "a-numpy-array", "a-float"])
+def test_an_input_that_is_not_a_tensor_is_a_type_error_naming_the_layer_and_the_fix(backend, make_input):
+    # before: "'list' object has no attribute 'dtype'" from inside the input check
+    qt = quantize(QuantConfig("int8wo", backend=backend))
+    bad = make_input()
+    for call in (qt, qt.quantized_layers()["0"]):
+        with pytest.raises(TypeError, match=rf"layer '0' takes a torch\.Tensor of shape \[\.\.\., 256\], got a "
+                                            rf"{type(bad).__name__}; convert it first: "
+                                            rf"torch\.as_tensor\(x, dtype=torch\.float32\)"):
+            call(bad)

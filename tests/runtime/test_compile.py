@@ -3,6 +3,7 @@ fresh process must load them from the cache entry instead of compiling again. In
 backend) so eager and compiled outputs can be compared tightly."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -147,6 +148,71 @@ def test_other_inductor_settings_are_another_entry_and_the_miss_is_explained(tmp
                                           r"True there, False here\)"):
         qt = quantized_mlp().compile(mode=MODE, cache_dir=tmp_path)
     assert qt._compiled.entry.status == "new"
+
+
+def test_a_malformed_sibling_entry_does_not_break_the_explanation(tmp_path):
+    """The sibling's manifest is read unverified to explain a miss: settings that are not an object (an edited
+    manifest) count as unknown, not a crash."""
+    import torch._inductor.config as inductor_config
+
+    from quantrt.compile import CompileOptions
+
+    with inductor_config.patch(coordinate_descent_tuning=True):
+        theirs = fingerprint_fields(quantized_mlp().model, CompileOptions(mode=MODE))
+    entry = CacheEntry(theirs, root=tmp_path)
+    entry.inductor_dir.mkdir(parents=True)
+    entry.commit({"k": {"shape": "0=1x64", "cold_s": 1.0}}, None, {}, extra={"settings": {"inductor": ["edited"]}})
+    with pytest.warns(CacheWarning, match=r"other Inductor settings \(\w+\.\w+: None there"):
+        qt = quantized_mlp().compile(mode=MODE, cache_dir=tmp_path)
+    assert qt._compiled.entry.status == "new"
+
+
+def test_strict_mode_names_the_warmed_shapes_of_an_entry_with_foreign_keys(tmp_path):
+    """Shape keys that are not quantrt signatures (an edited manifest, valid otherwise) leave strict mode's error
+    a RecompileError, not a JSON error."""
+    from quantrt.compile import CompileOptions
+
+    entry = CacheEntry(fingerprint_fields(quantized_mlp().model, CompileOptions(mode=MODE)), root=tmp_path)
+    entry.inductor_dir.mkdir(parents=True)
+    entry.commit({"not a signature": {"shape": "0=5x64", "cold_s": 1.0}}, None, {})
+    qt = quantized_mlp().compile(mode=MODE, cache_dir=tmp_path, strict=True)
+    assert qt._compiled.entry.status == "loaded"
+    with torch.no_grad(), pytest.raises(RecompileError, match=r"0=2x64 were not warmed.*Warmed shapes: 0=5x64"):
+        qt(torch.randn(2, 64))
+
+
+WARM_WITH_THE_DEFAULT_CACHE_FOLDER = textwrap.dedent("""
+    import json, torch, torch.nn as nn
+    from quantrt import QuantConfig, QuantizedTransformer
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 16))
+    qt = QuantizedTransformer.from_model(model, QuantConfig("int8wo", backend="reference"), progress=False)
+    qt.compile(mode="default")  # the cache folder: ~/.cache/quantrt
+    report = qt.warmup([torch.randn(4, 32)], progress=False)
+    entry = qt._compiled.entry
+    print(json.dumps({"status": entry.status, "entry": str(entry.path), "work": str(entry.work_dir),
+                      "rows": [dict(r.__dict__) for r in report]}))
+""")
+
+
+def test_a_cache_folder_with_a_space_compiles_and_a_fresh_process_hits_it(tmp_path):
+    """A HOME with a space puts the default cache folder on a path with one, which Inductor's C++ compile command
+    cannot take: quantrt compiles in a working folder without spaces and keeps the entry where it belongs."""
+    home = tmp_path / "home with space"
+    env = {k: v for k, v in os.environ.items() if k != "QUANTRT_CACHE_DIR"} | {"HOME": str(home)}
+    runs = []
+    for _ in ("cold", "warm"):  # two fresh processes
+        out = subprocess.run([sys.executable, "-c", WARM_WITH_THE_DEFAULT_CACHE_FOLDER], env=env,
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    cold, warm = runs
+    assert cold["entry"].startswith(str(home / ".cache" / "quantrt" / "entries"))
+    assert " " not in cold["work"] and " " not in warm["work"]
+    assert cold["status"] == "new" and cold["rows"][0]["status"] == "cold"
+    assert warm["status"] == "loaded" and warm["entry"] == cold["entry"]
+    assert warm["rows"][0]["status"] == "warm", warm["rows"]
+    assert warm["rows"][0]["cache_hits"] >= 1 and warm["rows"][0]["cache_misses"] == 0, warm["rows"]
 
 
 def test_an_unusable_cache_folder_warns_and_compiles_without_it(tmp_path):

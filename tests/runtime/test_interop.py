@@ -229,3 +229,68 @@ def test_coerce_routes_library_config_dicts(config, scheme):
     from quantrt import QuantConfig
 
     assert QuantConfig.coerce(config).scheme.name == scheme
+
+
+def serialized(type_name: str, **fields) -> dict:
+    """A torchao config in its config_to_dict form, with field values as given (torchao's own constructors
+    refuse some of them; a saved config.json is not checked by torchao)."""
+    return {"_type": type_name, "_version": 1, "_data": fields}
+
+
+FNUZ_DTYPE = {"_type": "torch.dtype", "_data": "float8_e4m3fnuz"}  # config_to_dict of torch.float8_e4m3fnuz
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda: ao.Float8WeightOnlyConfig(weight_dtype="garbage"),
+     ["Float8WeightOnlyConfig(weight_dtype='garbage')", "weight_dtype is not a float8 dtype", "torch.float8_e5m2"]),
+    (lambda: serialized("Float8WeightOnlyConfig", weight_dtype="garbage"),
+     ["Float8WeightOnlyConfig(weight_dtype='garbage')", "weight_dtype is not a float8 dtype"]),
+    (lambda: serialized("Float8WeightOnlyConfig", weight_dtype=FNUZ_DTYPE),
+     ["weight_dtype=torch.float8_e4m3fnuz", "ROCm", "torch.float8_e4m3fn"]),
+    (lambda: ao.Float8DynamicActivationFloat8WeightConfig(activation_dtype="garbage"),
+     ["Float8DynamicActivationFloat8WeightConfig(activation_dtype='garbage')", "activation_dtype is not a float8"]),
+    (lambda: SimpleNamespace(quant_method="torchao", quant_type="float8wo", quant_type_kwargs={"weight_dtype": "garbage"}),
+     ["weight_dtype must be torch.float8_e4m3fn or torch.float8_e5m2", "got weight_dtype='garbage'"]),
+    (lambda: serialized("Int8WeightOnlyConfig", granularity="garbage"),
+     ["Int8WeightOnlyConfig: granularity='garbage' has no quantrt scheme", "PerRow()"]),
+    (lambda: serialized("Int8WeightOnlyConfig", granularity=serialized("PerBlock", block_size=[1, 128])),
+     ["Int8WeightOnlyConfig: granularity=PerBlock(", "has no quantrt scheme", "PerGroup(group_size)"]),
+    (lambda: SimpleNamespace(quant_method="torchao", quant_type="float8_dynamic_activation_float8_weight",
+                             quant_type_kwargs={"granularity": "garbage"}),
+     ["granularity must be 'tensor' or 'row'", "got granularity='garbage'"]),
+], ids=["fp8wo-object-garbage-dtype", "fp8wo-saved-garbage-dtype", "fp8wo-saved-fnuz", "fp8dq-garbage-activation-dtype",
+        "string-float8wo-garbage-dtype", "int8wo-garbage-granularity", "int8wo-PerBlock", "string-fp8dq-garbage-granularity"])
+def test_torchao_configs_with_an_unknown_dtype_or_granularity_name_the_field(make, words):
+    # before: a weight_dtype without "e5m2" in it became e4m3 and a granularity without "row" per tensor
+    with pytest.raises(ValueError) as error:
+        to_quant_config(make())
+    assert all(word in str(error.value) for word in words), str(error.value)
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda: ao.Int8WeightOnlyConfig(granularity=ao.PerGroup(64.5)), "int8wo: group_size must be a whole number, got 64.5"),
+    (lambda: config_to_dict(ao.IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=ao.PerGroup(64.5))),
+     "uint4wo: group_size must be a whole number, got 64.5"),
+    (lambda: ao.Int4WeightOnlyConfig(group_size=64.5), "int4wo: group_size must be a whole number, got 64.5"),
+    (lambda: serialized("FPXWeightOnlyConfig", ebits=3.7, mbits=2), "ebits must be a whole number of bits, got ebits=3.7"),
+    (lambda: SimpleNamespace(quant_method="torchao", quant_type="uintx_weight_only", quant_type_kwargs={"bits": 7.9}),
+     "bits must be a whole number from 1 to 7 (the width of the stored codes), got bits=7.9"),
+    (lambda: ao.Float8StaticActivationFloat8WeightConfig(act_quant_scale=torch.tensor(0.0)),
+     "activation_scale must be a finite number > 0"),
+], ids=["int8wo-PerGroup-64.5", "intx-PerGroup-64.5-saved", "int4wo-group-64.5", "fpx-ebits-3.7", "string-uintx-bits-7.9",
+        "static-fp8-scale-0"])
+def test_torchao_numbers_that_are_not_whole_or_usable_are_refused_not_truncated(make, words):
+    with pytest.raises(ValueError) as error:
+        to_quant_config(make())
+    assert words in str(error.value), str(error.value)
+
+
+@pytest.mark.parametrize("config", [
+    {"quant_method": "quanto", "weights_dtype": "int8", "modules_to_not_convert": "proj_out"},
+    {"quant_method": "torchao", "quant_type": "int8wo", "modules_to_not_convert": "proj_out"},
+    SimpleNamespace(quant_method="torchao", quant_type=ao.Int8WeightOnlyConfig(), modules_to_not_convert="proj_out"),
+], ids=["quanto-dict", "torchao-string-dict", "torchao-object"])
+def test_a_lone_string_modules_to_not_convert_from_a_library_config_is_one_name(config):
+    mapped = to_quant_config(config)
+    assert mapped.modules_to_not_convert == ["proj_out"]
+    assert mapped.plan("proj_out").scheme is None and mapped.plan("o").scheme is not None

@@ -1,7 +1,11 @@
+from decimal import Decimal
+from fractions import Fraction
+
+import numpy as np
 import pytest
 import torch
 
-from quantrt.schemes import ALIASES, QUANTO_WEIGHTS, SCHEMES, resolve_scheme
+from quantrt.schemes import ALIASES, QUANTO_WEIGHTS, SCHEMES, resolve_scheme, whole_number
 
 # every shorthand and long name of the seed documents (diffusers TorchAoConfig), with what it must mean
 SEED_NAMES = {
@@ -109,3 +113,18 @@ def test_tensor_specs_match_quantize(name, bits_per_weight):
     specs = scheme.tensor_specs(16, 256, torch.bfloat16)
     assert {k: (tuple(t.shape), t.dtype) for k, t in stored.items()} == specs
     assert stored["qweight"].numel() * stored["qweight"].element_size() == 16 * 256 * bits_per_weight // 8
+
+
+@pytest.mark.parametrize("value, expected", [
+    (64, 64), (-1, -1), (2**70, 2**70), (np.int64(64), 64), (np.array(64), 64), (torch.tensor(64), 64),
+    (torch.tensor(64.0), 64), (64.0, 64), (np.float32(64.0), 64), (Fraction(64), 64), (Decimal("64"), 64),
+    (Decimal("64.000"), 64), ("64", 64), (" 64 ", 64),
+    (64.5, None), (np.float64(64.5), None), (np.array(64.5), None), (torch.tensor(64.5), None),
+    (Fraction(129, 2), None), (Decimal("64.5"), None), ("64.5", None), ("abc", None), (float("inf"), None),
+    (float("-inf"), None), (float("nan"), None), (Decimal("NaN"), None), (Decimal("Infinity"), None),
+    (True, None), (np.True_, None), (torch.tensor(True), None), (torch.tensor([64]), None),
+    (np.array([64, 64]), None), ([64], None), (None, None), (complex(64, 0), None),
+], ids=lambda v: repr(v) if not isinstance(v, int) or abs(v) < 2**20 else "2**70")
+def test_whole_number_takes_every_integral_number_type_and_never_truncates(value, expected):
+    result = whole_number(value)
+    assert result == expected and (result is None or type(result) is int)
