@@ -70,6 +70,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import json
+import math
 import os
 import sys
 from collections import Counter
@@ -82,8 +83,9 @@ import torch.nn as nn
 from .config import QuantConfig
 from .kernels.packing import pack_uintx
 from .schemes import Scheme, resolve_scheme
-from .serialization import (CONFIG_NAME, SAFETENSORS_DTYPES, CheckpointError, build_skeleton, plan_layers,
-                            unquantized_identity)
+from .serialization import (CONFIG_NAME, SAFETENSORS_DTYPES, CheckpointError, OutsideFolderError,
+                            build_skeleton, inside, plan_layers,
+                            read_json, refuse_duplicate_keys, unquantized_identity, unquantized_weights, upcast_weight)
 
 QUANTO_MAP_FILES = ("quantization_map.json", "quanto_qmap.json")
 # quanto qtype name -> the quantrt scheme that stores the same numbers
@@ -109,41 +111,65 @@ class SafetensorsReader:
     file that match each shape, so that a damaged file is a CheckpointError naming it (a dtype torch cannot
     hold is an error when that tensor is read)."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, label: str | os.PathLike | None = None):
         self.path = Path(path)
+        self.label = str(label) if label is not None else str(self.path)  # what errors call the file
         try:
             size = self.path.stat().st_size
             with open(self.path, "rb") as f:
                 length = int.from_bytes(f.read(8), "little")
+                # neither the length nor the size is echoed: of a file that is not safetensors, that says what
+                # it holds
                 if size < 8 or not 2 <= length <= min(size - 8, _MAX_HEADER):
-                    raise CheckpointError(f"{self.path} is not a safetensors file (or is truncated): its header "
-                                          f"length {length} does not fit a file of {size} bytes")
-                header = json.loads(f.read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{self.path} has a damaged safetensors header: {e}") from e
+                    raise CheckpointError(f"{self.label} is not a safetensors file, or is truncated: its first 8 bytes "
+                                          f"are not the length of a header that fits in the file")
+                header = json.loads(f.read(length), object_pairs_hook=refuse_duplicate_keys(self.label))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise CheckpointError(f"{self.label} has a damaged safetensors header: {e}") from e
         if not isinstance(header, dict):
-            raise CheckpointError(f"{self.path} has a damaged safetensors header (not a JSON object)")
+            raise CheckpointError(f"{self.label} has a damaged safetensors header (not a JSON object)")
         metadata = header.pop("__metadata__", None) or {}
         self.metadata: dict[str, str] = metadata if isinstance(metadata, dict) else {}
         self._data_start = 8 + length
         self._entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
         for name, entry in header.items():
             self._entries[name] = self._check_entry(name, entry, size - self._data_start)
+        self._check_layout(size - self._data_start)
 
     def _check_entry(self, name: str, entry: Any, data_bytes: int) -> tuple[str, tuple[int, ...], int, int]:
         ok = isinstance(entry, dict) and isinstance(entry.get("dtype"), str)
         shape, offsets = entry.get("shape") if ok else None, entry.get("data_offsets") if ok else None
-        ok = ok and isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
-        ok = ok and isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+        ok = ok and isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                    for d in shape)
+        ok = ok and isinstance(offsets, list) and len(offsets) == 2 and all(
+            isinstance(o, int) and not isinstance(o, bool) for o in offsets)
         if not ok:
-            raise CheckpointError(f"{self.path}: tensor {name!r} has a damaged header entry {entry!r}")
+            raise CheckpointError(f"{self.label}: tensor {name!r} has a damaged header entry {entry!r:.200}")
         begin, end = offsets
         dtype = SAFETENSORS_DTYPES.get(entry["dtype"])  # unknown: an error only if the tensor is read
-        nbytes = torch.Size(shape).numel() * dtype.itemsize if dtype is not None else end - begin
+        # Python integers: a shape like [2**32, 2**32] must be refused here, not overflow torch's size arithmetic
+        nbytes = math.prod(shape) * dtype.itemsize if dtype is not None else end - begin
         if not 0 <= begin <= end <= data_bytes or end - begin != nbytes:
-            raise CheckpointError(f"{self.path}: tensor {name!r} ({entry['dtype']} {shape}) has data offsets "
+            raise CheckpointError(f"{self.label}: tensor {name!r} ({entry['dtype']} {shape}) has data offsets "
                                   f"{offsets} that do not fit its size or the file: the file is damaged or truncated")
         return entry["dtype"], tuple(shape), begin, end
+
+    def _check_layout(self, data_bytes: int) -> None:
+        """As safetensors itself requires: the tensors' bytes follow one another without overlap or gap and
+        fill the data section. Two tensors sharing bytes would otherwise both read, silently, as each other."""
+        position, previous = 0, None
+        for name, (_, _, begin, end) in sorted(self._entries.items(), key=lambda item: item[1][2:]):
+            if begin < position:
+                raise CheckpointError(f"{self.label}: the bytes of tensor {name!r} overlap those of {previous!r} "
+                                      f"(data offsets from {begin}, the other ends at {position}): the file is damaged "
+                                      f"or was crafted; safetensors refuses it too")
+            if begin > position:
+                raise CheckpointError(f"{self.label}: {begin - position} bytes before tensor {name!r} belong to no "
+                                      f"tensor: the file is damaged; safetensors refuses it too")
+            position, previous = end, name
+        if position != data_bytes:
+            raise CheckpointError(f"{self.label}: its last {data_bytes - position} bytes belong to no tensor: the file "
+                                  f"is damaged or has something appended; safetensors refuses it too")
 
     def __enter__(self) -> SafetensorsReader:  # no handle is kept open; `with` reads like safe_open's
         return self
@@ -163,7 +189,7 @@ class SafetensorsReader:
     def dtype(self, name: str) -> torch.dtype:
         dtype_name = self._entries[name][0]
         if dtype_name not in SAFETENSORS_DTYPES:
-            raise CheckpointError(f"{self.path}: tensor {name!r} has dtype {dtype_name}, which quantrt cannot read")
+            raise CheckpointError(f"{self.label}: tensor {name!r} has dtype {dtype_name}, which quantrt cannot read")
         return SAFETENSORS_DTYPES[dtype_name]
 
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
@@ -173,7 +199,7 @@ class SafetensorsReader:
         if rows is not None:
             start, stop = rows
             if not shape or not 0 <= start <= stop <= shape[0]:
-                raise CheckpointError(f"{self.path}: rows {start}:{stop} of tensor {name!r} {list(shape)} do not exist")
+                raise CheckpointError(f"{self.label}: rows {start}:{stop} of tensor {name!r} {list(shape)} do not exist")
             row_bytes = (end - begin) // shape[0] if shape[0] else 0
             begin, shape = begin + start * row_bytes, (stop - start, *shape[1:])
         tensor = torch.empty(shape, dtype=dtype)
@@ -182,7 +208,7 @@ class SafetensorsReader:
             f.seek(self._data_start + begin)
             got = f.readinto(memoryview(buffer))
         if got != buffer.nbytes:
-            raise CheckpointError(f"{self.path} is truncated: tensor {name!r} needs {buffer.nbytes} bytes, {got} "
+            raise CheckpointError(f"{self.label} is truncated: tensor {name!r} needs {buffer.nbytes} bytes, {got} "
                                   f"are there")
         return tensor
 
@@ -212,16 +238,18 @@ def release_freed_memory() -> None:
 
 
 class _Shards:
-    """The tensors of several safetensors files (a sharded checkpoint) by name."""
+    """The tensors of several safetensors files (a sharded checkpoint) by name; a tensor in two of them is an
+    error naming it and both files."""
 
-    def __init__(self, files: list[Path]):
-        self.readers = [SafetensorsReader(file) for file in files]
+    def __init__(self, files: dict[str, Path], folder: Path):
+        self.readers = [SafetensorsReader(path, label=folder / name) for name, path in files.items()]
         self.where: dict[str, SafetensorsReader] = {}
         for reader in self.readers:
             for name in reader.keys():
                 if name in self.where:
-                    raise CheckpointError(f"tensor {name!r} is in both {self.where[name].path.name} and "
-                                          f"{reader.path.name}")
+                    raise CheckpointError(f"tensor {name!r} is in both {Path(self.where[name].label).name} and "
+                                          f"{Path(reader.label).name}: which one the model should get is unclear; the "
+                                          f"folder is damaged or mixes two saves")
                 self.where[name] = reader
 
     def __contains__(self, name: str) -> bool:
@@ -232,7 +260,8 @@ class _Shards:
 
     def read(self, name: str) -> torch.Tensor:
         if name not in self.where:
-            raise CheckpointError(f"tensor {name!r} is missing from {', '.join(r.path.name for r in self.readers)}")
+            raise CheckpointError(f"tensor {name!r} is missing from "
+                                  f"{', '.join(Path(r.label).name for r in self.readers)}")
         return self.where[name].read(name)
 
     @property
@@ -243,36 +272,32 @@ class _Shards:
         return merged
 
 
-def model_weight_files(folder: Path) -> list[Path]:
-    """The safetensors files of a model folder: diffusers' / transformers' names (and their index), else
-    the folder's only .safetensors file (what `save_file(state_dict, "anything.safetensors")` leaves)."""
-    from .serialization import _unquantized_weight_files
+def model_weight_files(folder: Path) -> dict[str, Path]:
+    """The safetensors files of a model folder, {name: real path}: diffusers' / transformers' names (and
+    their index), else the folder's only .safetensors file (what `save_file(state_dict, "anything.safetensors")`
+    leaves). Each is `inside` the folder."""
+    files = unquantized_weights(folder, required=False)[0]
+    if files:
+        return files
+    found = sorted(folder.glob("*.safetensors"))
+    if len(found) == 1:
+        return {found[0].name: inside(folder, found[0].name)}
+    if found:
+        names = ", ".join(f.name for f in found[:4])
+        raise CheckpointError(f"{folder} holds {len(found)} .safetensors files ({names}) and no index saying which "
+                              f"form the model; keep only the model's file, or name it model.safetensors")
+    return unquantized_weights(folder)[0]  # the error that says what a model folder holds
 
-    try:
-        return _unquantized_weight_files(folder)
-    except CheckpointError:
-        files = sorted(folder.glob("*.safetensors"))
-        if len(files) == 1:
-            return files
-        if files:
-            names = ", ".join(f.name for f in files[:4])
-            raise CheckpointError(f"{folder} holds {len(files)} .safetensors files ({names}) and no index saying which "
-                                  f"form the model; keep only the model's file, or name it model.safetensors") from None
-        raise
 
-
-def _read_json(file: Path) -> Any:
-    try:
-        return json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{file} is not valid JSON ({e})") from e
+def _read_json(folder: Path, name: str) -> Any:
+    """The JSON file `name` of `folder` (`inside` it)."""
+    return read_json(inside(folder, name))
 
 
 def _quantization_config(folder: Path) -> dict[str, Any] | None:
-    file = folder / "config.json"
-    if not file.is_file():
+    if not (folder / "config.json").is_file():
         return None
-    config = _read_json(file)
+    config = _read_json(folder, "config.json")
     quantization = config.get("quantization_config") if isinstance(config, dict) else None
     return quantization if isinstance(quantization, dict) else None
 
@@ -296,9 +321,12 @@ def foreign_format(path: str | os.PathLike) -> str | None:
                               f"unquantized model: from_pretrained(unquantized_folder, quantization=...)")
     try:
         files = model_weight_files(folder)
+    except OutsideFolderError:
+        raise  # a symlink out of the folder: refused here, not passed over to another loader
     except CheckpointError:
         return None
-    return "torchao" if "tensor_names" in SafetensorsReader(files[0]).metadata else None
+    name, path = next(iter(files.items()))
+    return "torchao" if "tensor_names" in SafetensorsReader(path, label=folder / name).metadata else None
 
 
 def load_foreign(kind: str, path: str | os.PathLike, device: torch.device, torch_dtype: torch.dtype | None,
@@ -308,7 +336,7 @@ def load_foreign(kind: str, path: str | os.PathLike, device: torch.device, torch
     the QuantConfig that describes them, {Linear layer kept in full precision: why})."""
     loader = {"quanto": _quanto_layers, "torchao": _torchao_layers}[kind]
     folder = Path(path)
-    shards = _Shards(model_weight_files(folder))
+    shards = _Shards(model_weight_files(folder), folder)
     skeleton = _skeleton(folder, model)
     schemes = loader(folder, shards, skeleton, device, torch_dtype)
     if not schemes:
@@ -324,7 +352,7 @@ def _skeleton(folder: Path, model: nn.Module | Callable[[], nn.Module] | None) -
     identity = unquantized_identity(folder)
     # the skeleton is built unquantized; the quantization_config would ask diffusers/transformers to quantize
     identity["config"] = {k: v for k, v in identity["config"].items() if k != "quantization_config"}
-    return build_skeleton(identity, None)
+    return build_skeleton(identity, None, source=str(folder / "config.json"))
 
 
 def _group_argument(scheme: Scheme) -> int | None:
@@ -424,7 +452,7 @@ def _quanto_qtypes(folder: Path, shards: _Shards) -> dict[str, str]:
         file = folder / file_name
         if not file.is_file():
             continue
-        qmap = _read_json(file)
+        qmap = _read_json(folder, file_name)
         if not isinstance(qmap, dict):
             raise CheckpointError(f"{file} is not a quanto quantization map ({{layer: {{weights, activations}}}})")
         qtypes = {}
@@ -675,7 +703,7 @@ def _torchao_layers(folder: Path, shards: _Shards, skeleton: nn.Module, device: 
     try:
         names = json.loads(metadata["tensor_names"])
         infos = {name: json.loads(metadata[name]) for name in names}
-    except (KeyError, TypeError, json.JSONDecodeError) as e:
+    except (KeyError, TypeError, json.JSONDecodeError, RecursionError) as e:
         raise CheckpointError(f"{folder} is a torchao checkpoint without readable torchao safetensors metadata "
                               f"({type(e).__name__}: {e}); quantrt reads what torchao >= 0.16 writes "
                               f"(flatten_tensor_state_dict / save_pretrained with safetensors)") from e
@@ -806,7 +834,7 @@ def _single_file_config(file: Path, config: dict | str | os.PathLike | None, mod
     if config is not None:
         if not isinstance(config, dict):
             path = Path(config)
-            config = _read_json(path / "config.json" if path.is_dir() else path)
+            config = read_json(inside(path, "config.json") if path.is_dir() else path)
             if not isinstance(config, dict):
                 raise CheckpointError(f"{path} holds no diffusers config (a JSON object)")
         config = {k: v for k, v in config.items() if k != "quantization_config"}
@@ -849,6 +877,9 @@ def quantize_single_file(file: str | os.PathLike, quant_config: QuantConfig,
     from .modules import init_act_scale
 
     file = Path(file)
+    if not file.exists():
+        raise CheckpointError(f"{file} does not exist: from_single_file loads a local .safetensors file; quantrt never "
+                              f"downloads")
     if not file.is_file() or file.suffix != ".safetensors":
         raise CheckpointError(f"{file} is not a .safetensors file; quantrt never loads .ckpt/.pt/.bin pickles")
     reader = SafetensorsReader(file)
@@ -872,6 +903,7 @@ def quantize_single_file(file: str | os.PathLike, quant_config: QuantConfig,
     skeleton = build_skeleton({"library": "diffusers", "class": class_name, "config": model_config}, None)
     expected = {key: tuple(t.shape) for key, t in skeleton.state_dict(keep_vars=True).items()}
     planned, kept = plan_layers(skeleton, quant_config, torch_dtype)
+    linear_weights = set(planned) | {f"{name}.weight" for name in kept}
     unknown = sorted(set(plan) - set(expected))
     if unknown:
         raise CheckpointError(f"the conversion of {file} gives tensors that {class_name} with this config does not "
@@ -887,8 +919,7 @@ def quantize_single_file(file: str | os.PathLike, quant_config: QuantConfig,
                  else reader.read(source, (start, stop)) for source, start, stop in segments]
         tensor = parts[0] if len(parts) == 1 else torch.cat(parts)
         del parts
-        if torch_dtype is not None and tensor.is_floating_point():
-            tensor = tensor.to(torch_dtype)
+        tensor = upcast_weight(key, tensor, file.name, torch_dtype, key in linear_weights)
         if key in planned:
             layer = planned.pop(key)
             layer.set_weight(tensor.to(device))

@@ -8,6 +8,7 @@ import logging
 import os
 import platform
 import sys
+from pathlib import Path
 
 DESCRIPTION = """\
 quantrt: quantized inference for PyTorch transformers. Linear layers run in quantrt's own Triton
@@ -101,14 +102,29 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     import torch
 
     from .config import QuantConfig
+    from .serialization import CONFIG_NAME, check_target, parse_size
     from .transformer import QuantizedTransformer, model_bytes
 
+    # every argument and both folders are checked before the quantization, which can take an hour
     config = QuantConfig(args.scheme, group_size=args.group_size,
                          modules_to_not_convert=args.modules_to_not_convert or None)
+    max_shard_size = parse_size(args.max_shard_size, option="--max-shard-size")
+    device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    qt = QuantizedTransformer.from_pretrained(args.src, device=args.device, torch_dtype=dtype, quantization=config,
+    src = Path(args.src)
+    if not src.exists():
+        raise ValueError(f"SRC {args.src} does not exist: give the folder of an unquantized diffusers or "
+                         f"transformers model (config.json and .safetensors files)")
+    if not src.is_dir():
+        raise ValueError(f"SRC {args.src} is not a folder: give the folder of an unquantized diffusers or "
+                         f"transformers model (config.json and .safetensors files)")
+    if (src / CONFIG_NAME).is_file():
+        raise ValueError(f"SRC {args.src} is a quantrt folder, already quantized: quantize the unquantized model's "
+                         f"folder instead")
+    check_target(args.dst, args.overwrite, overwrite_flag="--overwrite")
+    qt = QuantizedTransformer.from_pretrained(src, device=device, torch_dtype=dtype, quantization=config,
                                               progress=True)
-    qt.save_pretrained(args.dst, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+    qt.save_pretrained(args.dst, max_shard_size=max_shard_size, overwrite=args.overwrite)
     layers = qt.summary()
     print(f"{sum(r.quantized for r in layers)}/{len(layers)} Linear layers quantized with {config.scheme.name}; "
           f"{model_bytes(qt.model):,} bytes written to {args.dst}")
@@ -286,9 +302,11 @@ def build_parser(bench_arguments: bool = True) -> argparse.ArgumentParser:
     quantize.add_argument("--device", default="cpu", help="where to quantize (default: %(default)s)")
     quantize.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
                           help="cast floating tensors to this dtype first (default: as stored)")
-    quantize.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default: %(default)s)")
+    quantize.add_argument("--max-shard-size", default="5GB",
+                          help="largest safetensors shard: bytes, or with a unit, e.g. 200MB, 2GiB (default: %(default)s)")
     quantize.add_argument("--overwrite", action="store_true",
-                          help="replace DST if it is a quantrt folder (other folders are never deleted)")
+                          help="replace the quantrt files in DST if it is a quantrt folder (its other files stay; other "
+                               "folders are never written)")
     quantize.set_defaults(func=cmd_quantize)
 
     warmup = sub.add_parser(

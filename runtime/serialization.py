@@ -15,7 +15,13 @@ otherwise load as a wrong result. Folders saved before quantrt recorded checksum
 Loading rebuilds the skeleton on the meta device (accelerate's init_empty_weights), swaps in
 QuantizedLinear skeletons, and copies each stored tensor straight to the target device one at a time, so
 peak host memory stays near one tensor, not the model. Only diffusers and transformers classes are rebuilt
-from their names; any other model is passed in by the caller (a class named in a file is never imported).
+from their names, from a config stored in the file as a JSON object (never a path or a hub name); any other
+model is passed in by the caller (a class named in a file is never imported).
+
+What a folder can make a loader do is bounded: every file a loader opens goes through `inside`, which
+refuses a path that leaves the folder ('..', an absolute path, a symlink pointing out); JSON files are
+parsed with duplicate keys refused; a regex in a stored quant_config is never evaluated (the per-layer
+records say what each layer is); `save_pretrained(overwrite=True)` replaces only the files quantrt wrote.
 """
 
 from __future__ import annotations
@@ -24,9 +30,12 @@ import ctypes
 import errno
 import json
 import os
+import secrets
 import shutil
+import stat
 import sys
-import tempfile
+import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -60,6 +69,10 @@ class CheckpointError(ValueError):
     """A saved folder is missing, malformed, or does not match what its JSON says."""
 
 
+class OutsideFolderError(CheckpointError):
+    """A path in a folder (a name in one of its JSON files, or a symlink) leads out of the folder."""
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -70,16 +83,106 @@ def parse_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
-def parse_size(size: int | str) -> int:
-    """'5GB', '200MB', '10KB' or a number of bytes -> bytes (powers of 1000, as huggingface_hub)."""
+def parse_size(size: int | str, option: str = "max_shard_size") -> int:
+    """'5GB', '200MB', '10KB', '512MiB' or a number of bytes -> bytes (GB/MB/KB are powers of 1000, as
+    huggingface_hub's). Anything else is a ValueError naming `option` and saying what a size looks like."""
+    fix = "give a number of bytes or a number with a unit, e.g. '5GB', '200MB', '512MiB'"
+    if isinstance(size, bool) or not isinstance(size, (int, str)):
+        raise ValueError(f"{option} {size!r} is not a size: {fix}")
     if isinstance(size, int):
-        return size
-    text = size.strip().upper()
-    for unit, factor in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6),
-                         ("KB", 10**3), ("B", 1)):
-        if text.endswith(unit):
-            return int(float(text[: -len(unit)]) * factor)
-    return int(text)
+        value = size
+    else:
+        text, factor = size.strip().upper(), 1
+        for unit, unit_factor in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6),
+                                  ("KB", 10**3), ("B", 1)):
+            if text.endswith(unit):
+                text, factor = text[: -len(unit)], unit_factor
+                break
+        try:
+            value = int(float(text) * factor)
+        except (ValueError, OverflowError):  # "abc", "", "inf", "nan"
+            raise ValueError(f"{option} {size!r} is not a size: {fix}") from None
+    if value <= 0:
+        raise ValueError(f"{option} {size!r} is not a size: a shard holds more than 0 bytes; {fix}")
+    return value
+
+
+# The Hugging Face hub cache (snapshot_download) keeps a snapshot's files as symlinks into the blobs folder of
+# the same repository: models--org--name/snapshots/<revision>/... -> models--org--name/blobs/<sha>
+_HUB_REPOSITORY_PREFIXES = ("models--", "datasets--", "spaces--")
+
+
+def inside(folder: str | os.PathLike, name: str | os.PathLike) -> Path:
+    """The real path of `name` in `folder`, or a CheckpointError if it lies outside the folder.
+
+    Every file a loader opens goes through here, so that a folder, or a JSON file in it, cannot make quantrt
+    read anything else: not through '..' or an absolute path, not through a symlink pointing out of it. The
+    one place a symlink may lead is the Hugging Face hub cache's own layout: a snapshot's files are links into
+    the blobs folder of the same repository."""
+    root = Path(folder).resolve()
+    target = (root / name).resolve()
+    if target == root or root in target.parents or _hub_blob(root, target):
+        return target
+    raise OutsideFolderError(f"{Path(folder) / name} leads outside the folder {root} (through '..', an absolute path "
+                          f"or a symlink): quantrt reads only files inside the folder it is given; copy the file "
+                          f"into the folder instead of linking to it")
+
+
+def _hub_blob(root: Path, target: Path) -> bool:
+    """Whether `target` is a blob of the hub-cache repository whose snapshot holds `root`."""
+    snapshots = next((p for p in (root, *root.parents) if p.name == "snapshots"), None)
+    return (snapshots is not None and snapshots.parent.name.startswith(_HUB_REPOSITORY_PREFIXES)
+            and target.parent == snapshots.parent / "blobs")
+
+
+def refuse_duplicate_keys(file: str | os.PathLike) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
+    """An object_pairs_hook for json.loads that refuses an object naming a key twice, naming `file`."""
+
+    def pairs_to_dict(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in result:
+                raise CheckpointError(f"{file} names {key!r} twice in one object, and JSON readers disagree on "
+                                      f"which one counts; the file is damaged or was edited: keep one")
+            result[key] = value
+        return result
+
+    return pairs_to_dict
+
+
+def read_json(file: Path, what: str = "") -> Any:
+    """The JSON in `file` (a path `inside` returned; `what` it should be, for errors). A key given twice in one
+    object is an error: json.loads would silently keep the last one, another reader the first (a second copy
+    of a field can hide)."""
+    be = f"is not {what}: it is" if what else "is"
+    try:
+        return json.loads(file.read_bytes(), object_pairs_hook=refuse_duplicate_keys(file))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file} {be} not valid JSON ({e}); the folder is damaged") from e
+    except RecursionError:
+        raise CheckpointError(f"{file} {be} not valid JSON (nested too deeply to read); the folder is "
+                              f"damaged") from None
+
+
+def read_index(file: Path) -> dict[str, str]:
+    """The weight_map of a safetensors index (tensor name -> shard file name), checked to be one."""
+    index = read_json(file, "a valid safetensors index")
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    problem = None
+    if not isinstance(index, dict):
+        problem = f"the file holds a JSON {_json_kind(index)}, not an object"
+    elif not isinstance(weight_map, dict):
+        problem = ("there is no 'weight_map'" if weight_map is None
+                   else f"its 'weight_map' is a JSON {_json_kind(weight_map)}")
+    else:
+        bad = next(((k, v) for k, v in weight_map.items() if not isinstance(v, str)), None)
+        if bad is not None:
+            problem = f"its 'weight_map' maps {bad[0]!r} to {bad[1]!r}, not to a file name"
+    if problem:
+        raise CheckpointError(f"{file} is not a valid safetensors index: {problem}. 'weight_map' must be an object "
+                              f"mapping each tensor name to the .safetensors file that holds it; the index is "
+                              f"damaged: restore it or save the model again")
+    return weight_map
 
 
 def model_identity(model: nn.Module) -> dict[str, Any]:
@@ -130,61 +233,287 @@ def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, 
     return shards
 
 
+def check_target(path: str | os.PathLike, overwrite: bool, overwrite_flag: str = "overwrite=True") -> Path:
+    """The folder a save into `path` writes (a symlink's target), once it is clear that the save may: `path`
+    is absent or empty, or a quantrt folder and `overwrite`. Otherwise a FileExistsError that names the fix,
+    spelling the overwrite option as the caller takes it (`overwrite_flag`: "--overwrite" on the command line)."""
+    path = Path(path).resolve()
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} exists and is not a folder: give the path of a folder to save into")
+    if path.is_dir() and any(path.iterdir()):
+        if not (path / CONFIG_NAME).is_file():
+            raise FileExistsError(f"{path} is not empty and does not look like a quantrt folder (it has no "
+                                  f"{CONFIG_NAME}), so quantrt will not write into it, even with {overwrite_flag}: "
+                                  f"choose an empty or new folder")
+        if not overwrite:
+            raise FileExistsError(f"{path} is not empty; pass {overwrite_flag} to replace the quantrt files in it "
+                                  f"(the old ones stay until the new ones are complete; other files in the folder "
+                                  f"are kept), or choose another folder")
+    return path
+
+
 def save_folder(path: str | os.PathLike, model: nn.Module, metadata: dict[str, Any],
                 max_shard_size: int | str = "5GB", overwrite: bool = False) -> Path:
     """Write `model`'s state dict and `metadata` (quantrt_config.json) to `path` atomically: everything goes
-    to a temporary folder beside it that is renamed into place. A non-empty folder is replaced only with
-    overwrite=True, only if it is a quantrt folder (has quantrt_config.json), and only once the new one is
-    complete; any other non-empty folder (a user's ~/models, say) is never deleted."""
+    to a temporary folder beside it, flushed to disk, that is then swapped into place. A non-empty folder is
+    written only with overwrite=True and only if it is a quantrt folder (has quantrt_config.json); then the
+    files quantrt wrote there are replaced and every other entry (a README, .git/, sub-folders) is carried
+    into the new folder (hard links, or copies where the file system has none): nothing else is deleted.
+    Temporary folders that killed saves left in the same parent are removed once stale (`sweep_stale_saves`)."""
     from safetensors.torch import save_file
 
-    # the folder a symlink points at is replaced, not the link (swapping the link itself would leave the
-    # old folder behind and make the cleanup fail after the save succeeded)
-    path = Path(path).resolve()
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"{path} exists and is not a folder")
-    if path.is_dir() and any(path.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{path} is not empty; pass overwrite=True to replace it (the old folder is kept "
-                                  f"until the new one is complete)")
-        if not (path / CONFIG_NAME).is_file():
-            raise FileExistsError(f"{path} is not empty and does not look like a quantrt folder (it has no "
-                                  f"{CONFIG_NAME}), so quantrt will not delete it even with overwrite=True: "
-                                  f"remove it yourself or choose another path")
+    max_bytes = parse_size(max_shard_size)
+    # the folder a symlink points at is written, not the link (swapping the link itself would leave the old
+    # folder behind and make the cleanup fail after the save succeeded)
+    path = check_target(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale_saves(path.parent)
     tensors, tied = _unique_state_dict(model)
-    shards = _shards({k: v.cpu() for k, v in tensors.items()}, parse_size(max_shard_size))
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.saving-", dir=path.parent))
+    shards = _shards({k: v.cpu() for k, v in tensors.items()}, max_bytes)
+    names = [WEIGHTS_NAME] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                                                     for i in range(len(shards))]
+    written = set(names) | {CONFIG_NAME} | ({INDEX_NAME} if len(shards) > 1 else set())
+    if path.is_dir():
+        _entries_to_carry(path, written)  # an entry that could not be kept fails the save before any work
+    staging = _new_staging_folder(path)
+    published = False
     try:
         weight_map = {}
-        for i, shard in enumerate(shards):
-            file = WEIGHTS_NAME if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        for file, shard in zip(names, shards):
             save_file(shard, staging / file, metadata={"format": "pt", "quantrt_format": str(FORMAT_VERSION)})
+            _fsync(staging / file)
             weight_map.update({name: file for name in shard})
         if len(shards) > 1:
             total = sum(t.numel() * t.element_size() for t in tensors.values())
             (staging / INDEX_NAME).write_text(json.dumps(
                 {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+            _fsync(staging / INDEX_NAME)
         metadata = dict(metadata, format_version=FORMAT_VERSION, tied=tied,
                         tensors={k: {"dtype": dtype_name(v.dtype), "shape": list(v.shape)} for k, v in tensors.items()},
-                        files=file_checksums(staging, sorted(p.name for p in staging.iterdir())))
+                        files=file_checksums(staging, sorted(written - {CONFIG_NAME})))
         # written last: a folder with a config is complete (a save killed midway leaves none)
         (staging / CONFIG_NAME).write_text(json.dumps(metadata, indent=2, default=_json_default))
-        if path.exists():
-            if _exchange(staging, path):  # atomic: `path` always holds a complete folder, old or new
-                shutil.rmtree(staging)  # now the old folder
-            else:  # no atomic exchange here: `path` is missing between the two renames
-                backup = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-                backup.rmdir()
-                path.rename(backup)
-                staging.rename(path)
-                shutil.rmtree(backup)
-        else:
-            staging.rename(path)
+        _fsync(staging / CONFIG_NAME)
+        if path.is_dir():
+            # the user's entries are linked in last, so that one they add while the shards are written is kept
+            for name in _entries_to_carry(path, written):
+                _carry(path / name, staging / name)
+            shutil.copymode(path, staging)
+        _fsync_folders(staging)
+        old = _publish(staging, path)
+        published = True
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if not published:
+            shutil.rmtree(staging, ignore_errors=True)
         raise
+    if old is not None:
+        _remove_replaced(old, path, written)
     return path
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file or a folder (its entries) to disk. A file system that cannot sync a folder is let be."""
+    flags = (os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)) if path.is_dir() else os.O_RDONLY
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        if path.is_dir():  # some systems cannot open a folder at all (Windows)
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF) or not path.is_dir():
+            raise
+    finally:
+        os.close(fd)
+
+
+def _fsync_folders(root: Path) -> None:
+    """fsync every folder under `root` and `root` itself, deepest first (their entries: the files and links)."""
+    for folder, _, _ in sorted(os.walk(root), key=lambda walked: -walked[0].count(os.sep)):
+        _fsync(Path(folder))
+
+
+_STAGING_MARK, _REPLACED_MARK = ".saving-", ".old-"
+STALE_SAVE_AGE_S = 3600.0  # a save's folder untouched this long, by a process that is gone, is a leftover
+
+
+def _new_staging_folder(path: Path) -> Path:
+    """A new private folder beside `path` for a save to write: .<name>.saving-<pid>-<random>. The pid says
+    which process owns it, so that a later save can tell a killed save's leftover from a save still running."""
+    while True:
+        staging = path.parent / f".{path.name}{_STAGING_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            staging.mkdir(mode=0o700)
+            return staging
+        except FileExistsError:
+            continue
+
+
+def _staging_pid(name: str) -> int | None:
+    """The pid in a staging folder's name .<target>.saving-<pid>-<8 hex digits>, or None for another name."""
+    head, mark, tail = name.rpartition(_STAGING_MARK)
+    pid, _, token = tail.partition("-")
+    if not (mark and head.startswith(".") and len(head) > 1 and pid.isdigit() and len(token) == 8
+            and all(c in "0123456789abcdef" for c in token)):
+        return None
+    return int(pid)
+
+
+def _process_alive(pid: int) -> bool:
+    if pid <= 0:
+        return True  # not a process id a save records: never treated as gone
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, under another user
+        return True
+    return True
+
+
+def sweep_stale_saves(parent: Path, max_age_s: float = STALE_SAVE_AGE_S) -> list[Path]:
+    """Remove the temporary folders of killed saves in `parent`: named by quantrt's saves (.<name>.saving-
+    <pid>-<random>), owned by this user, whose process is gone and in which nothing changed for `max_age_s`
+    (a folder of another machine sharing the file system has a pid that means nothing here; the age keeps a
+    running save's folder safe). Returns the folders removed."""
+    removed = []
+    now = time.time()
+    uid = getattr(os, "getuid", lambda: None)()
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        pid = _staging_pid(entry.name)
+        try:
+            if pid is None or not entry.is_dir(follow_symlinks=False):
+                continue
+            if uid is not None and entry.stat(follow_symlinks=False).st_uid != uid:
+                continue
+            if _process_alive(pid) or now - _newest_change(Path(entry.path)) < max_age_s:
+                continue
+        except OSError:  # gone meanwhile, or unreadable: not ours to judge
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        removed.append(Path(entry.path))
+    return removed
+
+
+def _newest_change(folder: Path) -> float:
+    """The latest mtime of `folder` and its entries (a save writing a shard keeps that shard's mtime fresh)."""
+    newest = folder.stat().st_mtime
+    for entry in os.scandir(folder):
+        try:
+            newest = max(newest, entry.stat(follow_symlinks=False).st_mtime)
+        except OSError:
+            continue
+    return newest
+
+
+def _shard_name(name: str) -> bool:
+    """model-<5 digits>-of-<5 digits>.safetensors, the shard names quantrt writes."""
+    stem = name.removeprefix("model-").removesuffix(".safetensors")
+    first, of, total = stem.partition("-of-")
+    return (name.startswith("model-") and name.endswith(".safetensors") and of == "-of-" and len(first) == 5
+            and len(total) == 5 and first.isdigit() and total.isdigit())
+
+
+def _written_by_quantrt(folder: Path) -> set[str]:
+    """The names of the files quantrt wrote in an existing quantrt folder: its config and the files the config
+    lists (shards, index); where the config cannot be read or lists none (quantrt before checksums), the
+    names quantrt writes. Folders are never quantrt's: they are the user's."""
+    names = {CONFIG_NAME}
+    listed = None
+    try:
+        config = read_json(inside(folder, CONFIG_NAME))
+        listed = config.get("files") if isinstance(config, dict) else None
+    except (CheckpointError, OSError):
+        pass
+    if isinstance(listed, dict):
+        names |= {name for name in listed if isinstance(name, str) and Path(name).name == name}
+    else:
+        names |= {INDEX_NAME, WEIGHTS_NAME} | {entry.name for entry in os.scandir(folder) if _shard_name(entry.name)}
+    return {name for name in names if (folder / name).is_file() or (folder / name).is_symlink()}
+
+
+def _entries_to_carry(folder: Path, written: set[str]) -> list[str]:
+    """The entries of the quantrt folder `folder` that a save over it must keep: all but the files quantrt
+    wrote there and the names the save writes. Checked before any work: an entry that cannot be carried (a
+    socket, a device) is an error naming it, so that nothing is lost."""
+    replaced = _written_by_quantrt(folder) | written
+    carried = sorted(entry.name for entry in os.scandir(folder) if entry.name not in replaced)
+    for name in carried:
+        _check_carriable(folder / name, folder)
+    return carried
+
+
+def _check_carriable(entry: Path, folder: Path) -> None:
+    mode = entry.lstat().st_mode
+    if stat.S_ISDIR(mode):
+        for child in os.scandir(entry):
+            _check_carriable(Path(child.path), folder)
+    elif not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+        raise FileExistsError(f"{entry} is neither a file, a folder nor a symlink, so a save over {folder} could "
+                              f"not keep it: move it out of the folder first")
+
+
+def _carry(source: Path, destination: Path) -> None:
+    """Recreate `source` (a file, a symlink or a folder tree) at `destination`: files as hard links to the
+    same data (copies where the file system cannot link), symlinks as the same links, folders with their
+    permissions."""
+    if source.is_symlink():
+        os.symlink(os.readlink(source), destination)
+    elif source.is_dir():
+        destination.mkdir()
+        for entry in os.scandir(source):
+            _carry(Path(entry.path), destination / entry.name)
+        shutil.copystat(source, destination)
+    else:
+        try:
+            os.link(source, destination)
+        except OSError:
+            shutil.copy2(source, destination)
+
+
+def _publish(staging: Path, path: Path) -> Path | None:
+    """Put the complete folder `staging` at `path`; returns the folder that now holds what `path` held (to be
+    removed), or None if `path` did not exist."""
+    if not path.exists():
+        staging.rename(path)
+        old = None
+    elif _exchange(staging, path):  # atomic: `path` always holds a complete folder, old or new
+        old = staging
+    else:  # no atomic exchange here: `path` is missing between the two renames
+        old = path.parent / f".{path.name}{_REPLACED_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+        path.rename(old)
+        staging.rename(path)
+    _fsync(path.parent)  # the rename itself reaches the disk
+    return old
+
+
+def _remove_replaced(old: Path, path: Path, written: set[str]) -> None:
+    """Delete the folder `old` that the save into `path` replaced. The user's entries in it are in the new
+    folder too (linked or copied), so only quantrt's old files go; an entry the user added in the moment
+    between the carrying and the swap is moved into the new folder first. A failure leaves the save done,
+    with a warning."""
+    def writable_and_again(function, failed, _):
+        os.chmod(os.path.dirname(failed), stat.S_IRWXU)  # a read-only folder the user had: its links still go
+        function(failed)
+
+    try:
+        replaced = _written_by_quantrt(old) | written
+        for entry in os.scandir(old):
+            if entry.name not in replaced and not os.path.lexists(path / entry.name):
+                os.rename(entry.path, path / entry.name)
+        if sys.version_info >= (3, 12):
+            shutil.rmtree(old, onexc=writable_and_again)
+        else:
+            shutil.rmtree(old, onerror=writable_and_again)
+    except OSError as e:
+        warnings.warn(f"the save into {old.parent} is complete, but the replaced folder {old} could not be removed "
+                      f"({e}); delete it yourself", stacklevel=4)
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -207,11 +536,12 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def file_checksums(folder: Path, names: list[str]) -> dict[str, dict[str, Any]]:
-    """{name: {"bytes", "sha256"}} of the files `names` in `folder`, hashed in parallel (hashlib releases
-    the GIL): about 1.7 GB/s per core."""
+    """{name: {"bytes", "sha256"}} of the files `names` in `folder` (each `inside` it), hashed in parallel
+    (hashlib releases the GIL): about 1.7 GB/s per core."""
+    paths = [inside(folder, name) for name in names]
     with ThreadPoolExecutor(max(1, min(len(names), os.cpu_count() or 1))) as pool:
-        digests = list(pool.map(lambda name: sha256_file(folder / name), names))
-    return {name: {"bytes": (folder / name).stat().st_size, "sha256": digest} for name, digest in zip(names, digests)}
+        digests = list(pool.map(sha256_file, paths))
+    return {name: {"bytes": path.stat().st_size, "sha256": digest} for name, path, digest in zip(names, paths, digests)}
 
 
 def verify_files(path: str | os.PathLike, metadata: dict[str, Any]) -> None:
@@ -222,13 +552,13 @@ def verify_files(path: str | os.PathLike, metadata: dict[str, Any]) -> None:
         return
     root = Path(path)
     for name, record in recorded.items():
-        file = root / name
+        file = inside(root, name)
         if not file.is_file():
-            raise CheckpointError(f"{file} is missing (quantrt_config.json lists it); the folder is incomplete")
+            raise CheckpointError(f"{root / name} is missing ({CONFIG_NAME} lists it); the folder is incomplete")
         size = file.stat().st_size
         if size != record["bytes"]:
-            raise CheckpointError(f"{file} has {size} bytes but {record['bytes']} were saved: it was truncated "
-                                  f"or modified after saving")
+            raise CheckpointError(f"{root / name} has {size} bytes but {record['bytes']} were saved: it was "
+                                  f"truncated or modified after saving")
     actual = file_checksums(root, list(recorded))
     for name, record in recorded.items():
         if actual[name]["sha256"] != record["sha256"]:
@@ -243,16 +573,22 @@ def _expect(condition: bool, file: Path, what: str) -> None:
                               f"by quantrt")
 
 
-def _check_structure(file: Path, metadata: Any) -> None:
+def _json_kind(value: Any) -> str:
+    return {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number",
+            type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _check_structure(file: Path, metadata: Any) -> list[str]:
     """Every field that loading reads is present with the right type, so that a damaged or hand-edited
-    quantrt_config.json fails here with its name, not with a KeyError deep inside loading."""
+    quantrt_config.json fails here with its name, not with a KeyError deep inside loading. Replaces the
+    quant_config by its checked form without regex overrides (`stored_quant_config`) and returns those."""
     from .config import QuantConfig
     from .schemes import resolve_scheme
 
     _expect(isinstance(metadata, dict), file, "it holds no JSON object")
     for key in ("quant_config", "model", "layers", "tensors"):
         _expect(isinstance(metadata.get(key), dict), file, f"{key!r} is missing or not an object")
-    for key in ("tied", "kept", "files"):
+    for key in ("tied", "kept", "files", "autoquant_plan"):
         _expect(isinstance(metadata.get(key, {}), dict), file, f"{key!r} is not an object")
     fields = {"scheme": str, "group_size": (int, type(None)), "in_features": int, "out_features": int,
               "bias": bool, "dtype": str}
@@ -274,22 +610,96 @@ def _check_structure(file: Path, metadata: Any) -> None:
                 and isinstance(record.get("sha256"), str), file, f"file {name!r} needs bytes and sha256")
         _expect(Path(name).name == name and name not in ("", ".", ".."), file,
                 f"file {name!r} is not a plain name inside the folder")
+    for alias, target in metadata.get("tied", {}).items():
+        _expect(isinstance(target, str), file, f"'tied' maps {alias!r} to {target!r}, not to a tensor name")
+    _check_identity(file, metadata["model"])
+    metadata["quant_config"], patterns = stored_quant_config(file, metadata["quant_config"])
     try:
         QuantConfig.from_dict(metadata["quant_config"])
-    except (ValueError, TypeError, KeyError) as e:
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
         raise CheckpointError(f"{file}: its quant_config cannot be read: {e} (written by a newer quantrt?)") from e
+    return patterns
+
+
+def _check_identity(file: Path, identity: dict[str, Any]) -> None:
+    """model.library / class / config: what build_skeleton rebuilds the model from."""
+    library = identity.get("library")
+    _expect(library in (None, "diffusers", "transformers"), file,
+            f"model.library is {library!r}: quantrt rebuilds diffusers and transformers classes by name (any other "
+            f"model is null there, and loads from the skeleton passed as model=)")
+    if library is None:
+        return
+    _expect(isinstance(identity.get("class"), str), file, f"model.class is {identity.get('class')!r}, not a class name")
+    config = identity.get("config")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{file}: model.config is a JSON {_json_kind(config)} ({config!r:.80}), not an object: "
+                              f"quantrt builds the model only from the config stored in this file, never from a "
+                              f"path or a model-hub name it would read or download; the file is damaged or was "
+                              f"edited: save the model again")
+
+
+def stored_quant_config(file: Path, data: Any, field: str = "quant_config") -> tuple[dict[str, Any], list[str]]:
+    """The quant_config `data` stored in `file`, checked field by field (an error names the field), without its
+    "re:<regex>" overrides, which are never evaluated: a pattern read from a file can run for hours on one
+    layer name (catastrophic backtracking, e.g. "re:(.+)+!"), and they are not needed to load, because every
+    layer's scheme is recorded by name ("layers"; save_pretrained writes the overrides by layer name too).
+    Returns (the checked dict, the patterns left out)."""
+
+    def refuse(where: str, what: str) -> CheckpointError:
+        return CheckpointError(f"{file}: {where} {what}; the file is damaged or was edited by hand: save the model "
+                               f"again")
+
+    if not isinstance(data, dict):
+        raise refuse(field, f"is a JSON {_json_kind(data)}, not an object")
+    modules = data.get("modules") or {}
+    if not isinstance(modules, dict):
+        raise refuse(f"{field}.modules", f"is a JSON {_json_kind(modules)}: it must be an object mapping layer "
+                                         f"names to null (full precision) or a config object such as "
+                                         f"{{\"scheme\": \"int4wo\"}}")
+    checked, patterns = {}, []
+    for key, value in modules.items():
+        if key.startswith("re:"):
+            patterns.append(key)
+            continue
+        if value is not None:
+            if not isinstance(value, dict):
+                raise refuse(f"{field}.modules[{key!r}]", f"is {value!r:.60}, a JSON {_json_kind(value)}: it must be "
+                                                           f"null (the layer stays in full precision) or a config "
+                                                           f"object such as {{\"scheme\": \"int4wo\"}}")
+            value, inner = stored_quant_config(file, value, f"{field}.modules[{key!r}]")
+            patterns += inner
+        checked[key] = value
+    skipped = data.get("modules_to_not_convert")
+    if skipped is not None and not (isinstance(skipped, list) and all(isinstance(m, str) for m in skipped)):
+        raise refuse(f"{field}.modules_to_not_convert", f"is {skipped!r:.60}: it must be a list of layer names")
+    if not isinstance(data.get("scheme"), str):
+        raise refuse(f"{field}.scheme", f"is {data.get('scheme')!r:.60}: it must be a scheme name such as \"int4wo\"")
+    return dict(data, modules=checked), patterns
+
+
+def check_source_folder(path: str | os.PathLike) -> Path:
+    """`path` as a folder to load from, or a CheckpointError that says what it is instead."""
+    folder = Path(path)
+    if not folder.exists():
+        raise CheckpointError(f"{path} does not exist: from_pretrained loads a local folder (one that save_pretrained, "
+                              f"diffusers, transformers, optimum-quanto or torchao wrote); quantrt never downloads, "
+                              f"so fetch a hub model first (huggingface_hub.snapshot_download) and pass its folder")
+    if not folder.is_dir():
+        raise CheckpointError(f"{path} is a file, not a folder: from_pretrained loads folders; for one .safetensors "
+                              f"file in a model's original layout use QuantizedTransformer.from_single_file(file, "
+                              f"quantization=...)")
+    return folder
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """quantrt_config.json of a quantrt folder, checked (`_check_structure`). A quant_config holding regex
+    overrides (written by quantrt before it recorded them by layer name) loads without them, with a warning."""
     from . import __version__
 
-    file = Path(path) / CONFIG_NAME
+    file = inside(check_source_folder(path), CONFIG_NAME)
     if not file.is_file():
         raise CheckpointError(f"{path} has no {CONFIG_NAME}: it is not a folder that quantrt saved")
-    try:
-        metadata = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{file} is not valid JSON ({e}); the folder is damaged") from e
+    metadata = read_json(file)
     _expect(isinstance(metadata, dict), file, "it holds no JSON object")
     version = metadata.get("format_version")
     if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
@@ -299,34 +709,49 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise CheckpointError(f"{file} has format version {version!r}, which no quantrt writes (1..{FORMAT_VERSION} "
                               f"are known): the file is damaged or was not written by quantrt")
-    _check_structure(file, metadata)
+    patterns = _check_structure(file, metadata)
+    if patterns:
+        shown = f"{patterns[:3]}{' ...' if len(patterns) > 3 else ''}"
+        warnings.warn(f"{file}: quant_config.modules holds regex overrides {shown}, "
+                      f"which quantrt does not evaluate when it reads a file (a hostile pattern can run for hours). "
+                      f"Every layer loads with the scheme recorded for it by name; a backend those patterns chose is "
+                      f"not applied (pass backend= to choose one). Save the model again to record the overrides by "
+                      f"layer name", stacklevel=3)
     return metadata
 
 
 def weight_files(path: str | os.PathLike, metadata: dict[str, Any]) -> dict[str, list[str]]:
-    """Shard file -> the tensor names it holds, from the index or the single file. Paths cannot leave the
-    folder."""
-    root = Path(path).resolve()
-    index = root / INDEX_NAME
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index} is not a valid safetensors index: {e}") from e
-    else:
-        weight_map = {name: WEIGHTS_NAME for name in metadata["tensors"]}
+    """Shard file -> the tensor names it holds, from the index or the single file. Every file is a plain
+    .safetensors name whose real path is `inside` the folder."""
+    index = inside(path, INDEX_NAME)
+    weight_map = read_index(index) if index.is_file() else {name: WEIGHTS_NAME for name in metadata["tensors"]}
     files: dict[str, list[str]] = {}
     for name, file in weight_map.items():
-        resolved = (root / file).resolve()
-        if resolved.parent != root or not file.endswith(".safetensors"):
-            raise CheckpointError(f"the index maps {name!r} to {file!r}, outside the folder or not a .safetensors file")
+        if file not in files:
+            indexed_shard(path, index, name, file)
         files.setdefault(file, []).append(name)
     return files
 
 
-def build_skeleton(identity: dict[str, Any], model: nn.Module | Callable[[], nn.Module] | None) -> nn.Module:
+def indexed_shard(folder: str | os.PathLike, index: Path, tensor: str, file: str) -> Path:
+    """The real path of `file`, the shard the index `index` names for `tensor`: refused unless it is a plain
+    .safetensors name `inside` the folder."""
+    if Path(file).name == file and file.endswith(".safetensors"):
+        try:
+            return inside(folder, file)
+        except OutsideFolderError:
+            pass
+    raise CheckpointError(f"{index} maps {tensor!r} to {file!r}: outside the folder or not a .safetensors file (an "
+                          f"index may name only .safetensors files in the folder itself; quantrt never loads .bin/.pt "
+                          f"pickles)")
+
+
+def build_skeleton(identity: dict[str, Any], model: nn.Module | Callable[[], nn.Module] | None,
+                   source: str = "the checkpoint") -> nn.Module:
     """An empty (meta-device) model of the saved class. diffusers/transformers classes are looked up by name
-    in those libraries only; anything else must be given as `model` (a module or a zero-argument factory)."""
+    in those libraries only, and built from a config given as a dict (a string would make diffusers read a
+    file elsewhere or ask the model hub); anything else must be given as `model` (a module or a zero-argument
+    factory). `source` names where the identity was read, for errors."""
     from accelerate import init_empty_weights
 
     if model is not None:
@@ -338,6 +763,10 @@ def build_skeleton(identity: dict[str, Any], model: nn.Module | Callable[[], nn.
     if library not in ("diffusers", "transformers"):
         raise CheckpointError(f"the saved model is a {name}, not a diffusers or transformers class: pass its "
                               f"skeleton, e.g. from_pretrained(path, model=lambda: MyModel(...))")
+    if not isinstance(name, str) or not isinstance(identity.get("config"), dict):
+        raise CheckpointError(f"{source} gives the model's class as {name!r} and its config as a "
+                              f"{_json_kind(identity.get('config'))}: quantrt builds a model only from a class name and "
+                              f"a config object stored in the folder, never from a path or a model-hub name")
     lib = __import__(library)
     cls = getattr(lib, name, None)
     if not isinstance(cls, type) or not issubclass(cls, nn.Module):
@@ -353,16 +782,22 @@ def _check_headers(model: nn.Module, path: str | os.PathLike, files: dict[str, l
                    expected: dict[str, Any], skeleton: dict[str, torch.Tensor]) -> None:
     """Names, dtypes and shapes of every shard's tensors (from the safetensors headers, no data read) against
     the JSON and the skeleton; every mismatch is an error naming the tensor."""
+    shard_of = {name: file for file, names in files.items() for name in names}
     for file, names in files.items():
-        file_path = Path(path) / file
+        file_path = inside(path, file)
         if not file_path.is_file():
             raise CheckpointError(f"shard {file} is missing from {path} (it holds {names[0]!r} and {len(names) - 1} more)")
-        with _open_safetensors(file_path) as f:
+        with _open_safetensors(file_path, file) as f:
             keys = set(f.keys())
             unknown = sorted(keys - set(expected))
             if unknown:
                 raise CheckpointError(f"{file} holds tensors that {CONFIG_NAME} does not list, e.g. {unknown[:3]} "
                                       f"(renamed or from another model)")
+            elsewhere = sorted(key for key in keys if shard_of.get(key, file) != file)
+            if elsewhere:
+                raise CheckpointError(f"tensor {elsewhere[0]!r} is in both {file} and {shard_of[elsewhere[0]]} (the "
+                                      f"index names {shard_of[elsewhere[0]]}): one of them is left over from another "
+                                      f"save; the folder is damaged: save the model again")
             for name in names:
                 if name not in keys:
                     raise CheckpointError(f"tensor {name!r} is missing from {file}")
@@ -404,7 +839,7 @@ def load_tensors(model: nn.Module, path: str | os.PathLike, metadata: dict[str, 
     loaded = set()
     for file, names in files.items():
         try:
-            with _open_safetensors(Path(path) / file) as f:
+            with _open_safetensors(inside(path, file), file) as f:
                 for name in names:
                     tensor = cast(name, f.get_tensor(name))
                     set_module_tensor_to_device(model, name, device, value=tensor, dtype=tensor.dtype)
@@ -416,8 +851,18 @@ def load_tensors(model: nn.Module, path: str | os.PathLike, metadata: dict[str, 
         raise CheckpointError(f"{len(missing)} tensors listed in {CONFIG_NAME} were not found in any shard, e.g. "
                               f"{sorted(missing)[:3]}")
     for alias, target in metadata.get("tied", {}).items():
-        if target not in loaded:
-            raise CheckpointError(f"tied tensor {alias!r} points at {target!r}, which was not loaded")
+        problem = None
+        if alias not in skeleton:
+            problem = f"the model has no tensor {alias!r}"
+        elif alias in expected:
+            problem = f"{alias!r} is also stored in its own right"
+        elif target not in loaded:
+            problem = f"{target!r} is not a tensor the folder stores"
+        elif tuple(skeleton[alias].shape) != tuple(skeleton[target].shape):
+            problem = f"their shapes differ ({list(skeleton[alias].shape)} and {list(skeleton[target].shape)})"
+        if problem:
+            raise CheckpointError(f"{Path(path) / CONFIG_NAME}: 'tied' maps {alias!r} to {target!r}, but {problem}: "
+                                  f"the file is damaged or belongs to another model; save the model again")
         owner, _, leaf = alias.rpartition(".")
         source_owner, _, source_leaf = target.rpartition(".")
         value = getattr(model.get_submodule(source_owner), source_leaf)
@@ -429,53 +874,78 @@ def load_tensors(model: nn.Module, path: str | os.PathLike, metadata: dict[str, 
                               f"{unfilled[:3]}: it was saved from a different model or is incomplete")
 
 
-def _unquantized_weight_files(folder: Path) -> list[Path]:
-    """The safetensors files of a diffusers or transformers model folder, in index order."""
+def unquantized_weights(folder: Path, required: bool = True) -> tuple[dict[str, Path], dict[str, str] | None]:
+    """The safetensors files of a diffusers or transformers model folder, {file name: real path} in index
+    order, and the index's weight_map (None for a single file). Every file is `inside` the folder. A folder
+    with none of those files is an error, or ({}, None) if not `required`."""
     for stem in ("diffusion_pytorch_model", "model"):
-        index = folder / f"{stem}.safetensors.index.json"
+        index = inside(folder, f"{stem}.safetensors.index.json")
         if index.is_file():
-            try:
-                files = dict.fromkeys(json.loads(index.read_text())["weight_map"].values())
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
-                raise CheckpointError(f"{index} is not a valid safetensors index: {e!r}") from e
-            paths = [(folder / f).resolve() for f in files]
-            if any(p.parent != folder.resolve() or p.suffix != ".safetensors" for p in paths):
-                raise CheckpointError(f"{index} points outside {folder} or at a file that is not .safetensors "
-                                      f"(quantrt never loads .bin/.pt pickles)")
-            return paths
-        if (folder / f"{stem}.safetensors").is_file():
-            return [folder / f"{stem}.safetensors"]
+            weight_map = read_index(index)
+            first_tensor = {file: tensor for tensor, file in reversed(weight_map.items())}  # for errors
+            files = {file: indexed_shard(folder, index, first_tensor[file], file)
+                     for file in dict.fromkeys(weight_map.values())}
+            return files, weight_map
+        single = inside(folder, f"{stem}.safetensors")
+        if single.is_file():
+            return {f"{stem}.safetensors": single}, None
+    if not required:
+        return {}, None
     raise CheckpointError(f"{folder} has no safetensors weights (diffusion_pytorch_model.safetensors or "
                           f"model.safetensors, or their index); quantrt never loads .bin/.pt pickles")
 
 
-def _open_safetensors(file: Path):
-    """safe_open(file) on CPU; a damaged header or a file cut short is a CheckpointError naming the file."""
+def _open_safetensors(file: Path, name: str | None = None):
+    """safe_open(file) on CPU; a damaged header or a file cut short is a CheckpointError naming the file
+    (`name`: how the folder calls it, where `file` is its real path)."""
     from safetensors import SafetensorError, safe_open
 
     try:
         return safe_open(file, framework="pt", device="cpu")
     except SafetensorError as e:
-        raise CheckpointError(f"{file} is damaged or truncated and cannot be read: {e}") from e
+        raise CheckpointError(f"{name or file} is damaged or truncated and cannot be read: {e}") from e
 
 
 def unquantized_identity(folder: Path) -> dict[str, Any]:
     """library/class/config of a diffusers or transformers model folder, from its config.json."""
-    file = folder / "config.json"
+    file = inside(folder, "config.json")
     if not file.is_file():
         raise CheckpointError(f"{folder} has neither {CONFIG_NAME} (a quantrt folder) nor config.json "
                               f"(a diffusers/transformers model folder)")
-    try:
-        config = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{file} is not valid JSON ({e}); the folder is damaged") from e
+    config = read_json(file)
     if not isinstance(config, dict):
-        raise CheckpointError(f"{file} holds no JSON object")
+        raise CheckpointError(f"{file} holds a JSON {_json_kind(config)}, not the model's config object")
     if "_class_name" in config:
-        return {"library": "diffusers", "class": config["_class_name"], "config": config}
-    if config.get("architectures"):
-        return {"library": "transformers", "class": config["architectures"][0], "config": config}
-    raise CheckpointError(f"{file} names no model class (_class_name or architectures)")
+        name = config["_class_name"]
+        library = "diffusers"
+    elif config.get("architectures"):
+        architectures = config["architectures"]
+        name = architectures[0] if isinstance(architectures, list) else architectures
+        library = "transformers"
+    else:
+        raise CheckpointError(f"{file} names no model class (_class_name or architectures)")
+    if not isinstance(name, str):
+        field = "_class_name" if library == "diffusers" else "architectures"
+        raise CheckpointError(f"{file}: {field} is {name!r}, not a class name; the file is damaged")
+    return {"library": library, "class": name, "config": config}
+
+
+def upcast_weight(name: str, tensor: torch.Tensor, source: str, torch_dtype: torch.dtype | None,
+                  linear_weight: bool) -> torch.Tensor:
+    """A stored tensor as quantize-on-load puts it into the model: fp8 (common for FLUX checkpoints) upcast to
+    `torch_dtype`, else bfloat16, since nothing computes in fp8 here; other floating tensors cast to
+    `torch_dtype` if given. A Linear weight that is not floating (int, bool: an already quantized or foreign
+    checkpoint) is refused naming the tensor."""
+    if tensor.is_floating_point() and tensor.element_size() == 1:
+        return tensor.to(torch_dtype or torch.bfloat16)
+    if linear_weight and not tensor.is_floating_point():
+        raise CheckpointError(f"tensor {name!r} in {source} is {dtype_name(tensor.dtype)}, but it is the weight of a "
+                              f"Linear layer, which quantize-on-load needs floating (float32, float16, bfloat16, or "
+                              f"fp8, upcast): the checkpoint is already quantized (load it without quantization=) or "
+                              f"it is not this model's")
+    if torch_dtype is not None and tensor.is_floating_point():
+        return tensor.to(torch_dtype)
+    return tensor
 
 
 def plan_layers(skeleton: nn.Module, config: QuantConfig, torch_dtype: torch.dtype | None
@@ -508,7 +978,8 @@ def quantize_folder(folder: str | os.PathLike, config, device: torch.device, tor
                     progress: bool | None = None) -> tuple[nn.Module, dict[str, str]]:
     """Build the model of an unquantized model folder on the meta device and fill it tensor by tensor,
     quantizing each planned Linear weight as it arrives, so the full-precision model is never whole in
-    memory. Returns (model, {kept layer: why})."""
+    memory. Every tensor is read from the one shard that holds it (and that the index names): a tensor in two
+    shards, or where the index does not say, is an error naming it. Returns (model, {kept layer: why})."""
     from accelerate.utils import set_module_tensor_to_device
     from tqdm.auto import tqdm
 
@@ -517,36 +988,62 @@ def quantize_folder(folder: str | os.PathLike, config, device: torch.device, tor
 
     folder = Path(folder)
     # a caller-given skeleton needs no config.json (plain nn.Module folders have none)
-    skeleton = build_skeleton(unquantized_identity(folder) if model is None else {}, model)
+    skeleton = build_skeleton(unquantized_identity(folder) if model is None else {}, model,
+                              source=str(folder / "config.json"))
     planned, kept = plan_layers(skeleton, config, torch_dtype)
+    linear_weights = set(planned) | {f"{name}.weight" for name in kept}
     expected = dict(skeleton.state_dict(keep_vars=True))
     loaded = set()
-    files = _unquantized_weight_files(folder)
-    for file in tqdm(files, desc="quantizing while loading", unit="shard", disable=(not progress) if progress is not None else None):
+    files, weight_map = unquantized_weights(folder)
+    # headers only: which shard holds what, checked before a byte of data is read
+    readers = [SafetensorsReader(path, label=folder / name) for name, path in files.items()]
+    _check_one_shard_each(readers, list(files), weight_map, folder)
+    for name_in_folder, f in tqdm(list(zip(files, readers)), desc="quantizing while loading", unit="shard",
+                                  disable=(not progress) if progress is not None else None):
         # plain reads, not safe_open's memory map (whose touched pages stay resident until the whole shard
         # is closed), and freed pages handed back after each weight: peak RSS near the quantized size
-        with SafetensorsReader(file) as f:
-            for name in f.keys():
-                tensor = f.read(name)
-                if name in planned:
-                    layer = planned[name]
-                    weight = tensor.to(device=device, dtype=torch_dtype or tensor.dtype)
-                    layer.set_weight(weight)
-                    loaded.update(f"{layer.name}.{key}" for key in layer.tensors())
-                    init_act_scale(layer, config.activation_scale, device)
-                    del tensor, weight
-                    release_freed_memory()
-                    continue
-                if name not in expected:
-                    raise CheckpointError(f"tensor {name!r} in {file.name} has no place in {type(skeleton).__name__}")
-                if tuple(tensor.shape) != tuple(expected[name].shape):
-                    raise CheckpointError(f"tensor {name!r} in {file.name} has shape {list(tensor.shape)}, the model "
-                                          f"expects {list(expected[name].shape)}")
-                if torch_dtype is not None and tensor.is_floating_point():
-                    tensor = tensor.to(torch_dtype)
-                set_module_tensor_to_device(skeleton, name, device, value=tensor, dtype=tensor.dtype)
-                loaded.add(name)
+        for name in f.keys():
+            tensor = upcast_weight(name, f.read(name), name_in_folder, torch_dtype, name in linear_weights)
+            if name in planned:
+                layer = planned[name]
+                layer.set_weight(tensor.to(device))
+                loaded.update(f"{layer.name}.{key}" for key in layer.tensors())
+                init_act_scale(layer, config.activation_scale, device)
+                del tensor
+                release_freed_memory()
+                continue
+            if name not in expected:
+                raise CheckpointError(f"tensor {name!r} in {name_in_folder} has no place in {type(skeleton).__name__}")
+            if tuple(tensor.shape) != tuple(expected[name].shape):
+                raise CheckpointError(f"tensor {name!r} in {name_in_folder} has shape {list(tensor.shape)}, the model "
+                                      f"expects {list(expected[name].shape)}")
+            set_module_tensor_to_device(skeleton, name, device, value=tensor, dtype=tensor.dtype)
+            loaded.add(name)
     missing = [n for n, t in skeleton.state_dict(keep_vars=True).items() if t.device.type == "meta" and n not in loaded]
     if missing:
         raise CheckpointError(f"{folder} has no value for {len(missing)} tensors of the model, e.g. {missing[:3]}")
     return skeleton.to(device), kept
+
+
+def _check_one_shard_each(readers: list, names: list[str], weight_map: dict[str, str] | None, folder: Path) -> None:
+    """Every tensor is in exactly one shard, the one the index (if any) names for it."""
+    holder: dict[str, str] = {}
+    for file, reader in zip(names, readers):
+        for tensor in reader.keys():
+            if tensor in holder:
+                named = f" (the index names {weight_map[tensor]})" if weight_map and tensor in weight_map else ""
+                raise CheckpointError(f"tensor {tensor!r} is in both {holder[tensor]} and {file} in {folder}{named}: "
+                                      f"which one the model should get is unclear; the folder is damaged or mixes two "
+                                      f"saves: keep one copy")
+            holder[tensor] = file
+    if weight_map is None:
+        return
+    for tensor, file in holder.items():
+        if weight_map.get(tensor) != file:
+            raise CheckpointError(f"tensor {tensor!r} is in {file} in {folder}, but the index "
+                                  f"{'names ' + weight_map[tensor] if tensor in weight_map else 'does not list it'}: "
+                                  f"the index and the shards disagree; the folder is damaged")
+    absent = sorted(set(weight_map) - set(holder))
+    if absent:
+        raise CheckpointError(f"the index of {folder} maps {absent[0]!r} to {weight_map[absent[0]]}, which does not "
+                              f"hold it ({len(absent)} such tensors): the folder is incomplete")

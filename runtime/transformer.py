@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -151,8 +152,11 @@ class QuantizedTransformer(nn.Module):
                         overwrite: bool = False) -> None:
         """Save to a folder: safetensors shards of the stored tensors (packed codes, scales, unquantized
         parameters) and quantrt_config.json. Nothing is pickled. The folder is written beside `path` and
-        renamed into place; a non-empty `path` is replaced only with overwrite=True and only if it is a
-        quantrt folder (has quantrt_config.json): any other folder is never deleted (FileExistsError)."""
+        swapped into place; a non-empty `path` is written only with overwrite=True and only if it is a
+        quantrt folder (has quantrt_config.json): then quantrt's files are replaced and the folder's other
+        files (a README, .git/) are kept; any other folder is never written (FileExistsError). Per-module
+        overrides are stored by layer name: a "re:" pattern is resolved here against this model's layers,
+        since a loader never evaluates a regex read from a file."""
         from . import __version__
         from .serialization import dtype_name, model_identity, save_folder
 
@@ -162,7 +166,8 @@ class QuantizedTransformer(nn.Module):
                             "format": layer.scheme.format, "backend": layer.backend.name,
                             "in_features": layer.in_features, "out_features": layer.out_features,
                             "bias": layer.bias is not None, "dtype": dtype_name(layer.scale.dtype)}
-        metadata = {"quantrt_version": __version__, "quant_config": self.quant_config.to_dict(),
+        linears = [report.name for report in self._reports]
+        metadata = {"quantrt_version": __version__, "quant_config": resolved_quant_config(self.quant_config, linears),
                     "model": model_identity(self.model), "layers": layers,
                     "kept": {r.name: r.why for r in self._reports if not r.quantized}}
         if self.autoquant_plan is not None:
@@ -186,15 +191,21 @@ class QuantizedTransformer(nn.Module):
         quantization_config, or torchao's safetensors metadata) loads through quantrt.checkpoints: each
         weight becomes the quantrt scheme that stores the same numbers, or the layer is refused with why."""
         from .checkpoints import foreign_format, load_foreign
-        from .serialization import CheckpointError, build_skeleton, load_tensors, parse_dtype, read_metadata
+        from .serialization import (CONFIG_NAME, CheckpointError, build_skeleton, check_source_folder, load_tensors,
+                                    parse_dtype, read_metadata)
 
         device = torch.device(device)
+        check_source_folder(path)
+        if quantization is not None and (Path(path) / CONFIG_NAME).is_file():
+            raise ValueError(f"{path} is a quantrt folder: it is already quantized, and it loads as stored: drop "
+                             f"quantization=. To quantize with {quantization!r}, pass the unquantized model's folder")
         foreign = foreign_format(path)
         if foreign is not None:
             if quantization is not None:
                 raise ValueError(f"{path} is already quantized ({foreign} checkpoint); load it without quantization=, "
                                  f"or pass the unquantized model's folder to quantize it with {quantization!r}")
             skeleton, config, kept = load_foreign(foreign, path, device, torch_dtype, backend, model)
+            check_stored_scales(skeleton, f"{path} ({foreign} checkpoint)")
             return cls(skeleton.eval(), config, _attach_backends(skeleton, config, device, kept))
         if quantization is not None:
             from .serialization import quantize_folder
@@ -211,7 +222,7 @@ class QuantizedTransformer(nn.Module):
         from .autoquant import explain, restore_plan
 
         stale = restore_plan(config, metadata, device, backend, path)
-        skeleton = build_skeleton(metadata["model"], model)
+        skeleton = build_skeleton(metadata["model"], model, source=str(Path(path) / CONFIG_NAME))
         for name, record in metadata["layers"].items():
             try:
                 linear = skeleton.get_submodule(name)
@@ -235,6 +246,7 @@ class QuantizedTransformer(nn.Module):
             return tensor.to(torch_dtype)
 
         load_tensors(skeleton, path, metadata, device, cast, verify=verify_checksums)
+        check_stored_scales(skeleton, str(path))
         skeleton.to(device)  # buffers that are not saved (rotary tables, say) follow
         reports = _attach_backends(skeleton, config, device, metadata.get("kept", {}))
         if config.autoquant_plan is not None:
@@ -259,6 +271,48 @@ class QuantizedTransformer(nn.Module):
             quant_config.backend = backend
         skeleton, kept = quantize_single_file(file, quant_config, config, device, torch_dtype, progress)
         return cls(skeleton.eval(), quant_config, _attach_backends(skeleton, quant_config, device, kept))
+
+
+def resolved_quant_config(config: QuantConfig, layers: list[str]) -> dict[str, Any]:
+    """`config.to_dict()` with its per-module overrides by exact layer name: each "re:<regex>" override is
+    replaced by the layers of `layers` it matches (exact names still win over it, as in QuantConfig.override).
+    What save_pretrained stores, so that loading never evaluates a regex read from a file; the per-layer
+    schemes are in the file's "layers" anyway, and the overrides keep the backend each layer asked for."""
+    data = config.to_dict()
+
+    def stored(value: QuantConfig | None) -> dict[str, Any] | None:
+        # an override's own `modules` never apply (only its scheme and backend do): left out with their patterns
+        return None if value is None else dict(value.to_dict(), modules={})
+
+    modules = {name: stored(value) for name, value in config.modules.items() if not name.startswith("re:")}
+    for name in layers:
+        if name not in modules:
+            matched, value = config.override(name)
+            if matched:
+                modules[name] = stored(value)
+    data["modules"] = modules
+    return data
+
+
+def check_stored_scales(model: nn.Module, source: str) -> None:
+    """Every quantized layer's stored scales and zero points are finite, or a CheckpointError names the
+    layer: a NaN or Inf there makes every output NaN (or fails deep inside a backend), and quanto and torchao
+    folders carry no checksums (a quantrt folder's can be recomputed by whoever edits it)."""
+    from .serialization import CheckpointError, dtype_name
+
+    for name, module in model.named_modules():
+        if not isinstance(module, QuantizedLinear):
+            continue
+        for key in ("scale", "zero"):
+            tensor = getattr(module, key, None)
+            if tensor is None or not tensor.is_floating_point() or tensor.device.type == "meta":
+                continue
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise CheckpointError(f"{source}: layer {name!r} has {bad} NaN/Inf values in its stored {key} "
+                                      f"({dtype_name(tensor.dtype)} {list(tensor.shape)}); its outputs would be NaN. The "
+                                      f"checkpoint is damaged: re-download or re-save it (or, if you passed torch_dtype, "
+                                      f"the stored values may not fit that dtype: load without it)")
 
 
 def _attach_backends(model: nn.Module, config: QuantConfig, device: torch.device,

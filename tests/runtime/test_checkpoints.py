@@ -439,6 +439,36 @@ def test_single_file_in_bfl_layout_equals_from_model(tmp_path, config_source):
     assert type(qt.model).__name__ == "FluxTransformer2DModel" and qt.config.num_layers == 1
 
 
+def test_single_file_fp8_weights_are_upcast_before_quantizing(tmp_path):
+    """FLUX checkpoints are often shipped in fp8 (e4m3fn) with the rest in bf16: quantized without --dtype,
+    the fp8 weights are upcast to bf16 first (nothing computes in fp8), and an integer weight is refused."""
+    model = build_flux("tiny", dtype=torch.float32)
+    with torch.no_grad():  # weights fp8 can hold exactly, so the bf16 reference below has the same numbers
+        for module in model.modules():
+            if isinstance(module, nn.Linear):
+                module.weight.copy_(module.weight.to(torch.float8_e4m3fn).float())
+    model = model.to(torch.bfloat16)
+    cfg = model.config
+    bfl = to_bfl_layout(model.state_dict(), cfg.num_layers, cfg.num_single_layers)
+    stored = {k: (v.to(torch.float8_e4m3fn) if k.endswith(".weight") and v.dim() == 2 else v).contiguous()
+              for k, v in bfl.items()}
+    assert sum(v.dtype == torch.float8_e4m3fn for v in stored.values()) > 10
+    save_file(stored, tmp_path / "flux1-tiny-fp8.safetensors")
+    qt = QuantizedTransformer.from_single_file(tmp_path / "flux1-tiny-fp8.safetensors", quantization="int8wo",
+                                               backend="reference", progress=False)
+    expected = QuantizedTransformer.from_model(model, QuantConfig("int8wo", backend="reference"), progress=False)
+    inputs = flux_inputs(model, seed=4)
+    with torch.no_grad():
+        torch.testing.assert_close(qt(**inputs)[0], expected(**inputs)[0], rtol=0, atol=0)
+    key = next(k for k, v in stored.items() if v.dtype == torch.float8_e4m3fn)
+    stored[key] = stored[key].view(torch.uint8).to(torch.int8)
+    save_file(stored, tmp_path / "flux1-tiny-int8.safetensors")
+    with pytest.raises(CheckpointError, match=r"in flux1-tiny-int8.safetensors is int8, but it is the weight of a "
+                                              r"Linear layer"):
+        QuantizedTransformer.from_single_file(tmp_path / "flux1-tiny-int8.safetensors", quantization="int8wo",
+                                              progress=False)
+
+
 def test_single_file_needs_a_config_that_fits(tmp_path):
     from diffusers import FluxTransformer2DModel
 
