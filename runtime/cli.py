@@ -14,19 +14,7 @@ DESCRIPTION = """\
 quantrt: quantized inference for PyTorch transformers. Linear layers run in quantrt's own Triton
 weight-only kernels where they can, else torchao, optimum-quanto, or a pure-torch reference.
 
-commands:
-  info      versions, the device, and which backend can serve which scheme here
-  demo      quantize a FLUX-architecture transformer (random weights, no download) with several
-            schemes, run it, and print weight bytes, ratio to bf16, time per forward and error per scheme
-  quantize  quantize an unquantized diffusers/transformers model folder (safetensors) into a quantrt
-            folder, streaming one tensor at a time
-  warmup    compile a quantized model for a list of input shapes ahead of serving and save the graphs and
-            kernels in the compile cache; --check proves, in a fresh process, that serving starts hot
-  bench     benchmarks: `bench kernels` (weight-only matmuls against bf16 torch.mm, torchao, quanto,
-            gemlite), `bench model` (FLUX and Llama, bf16 against each scheme, eager and compiled),
-            `bench compile` (cold compile against a warm start from the compile cache) and `bench check`
-            (the GPU check in one bounded run: precompile, parity, torch.compile, speed and targets);
-            results in benchmarks/results/
+Run `quantrt COMMAND --help` for a command's options.
 """
 
 INFO_SCHEMES = ("int8wo", "int4wo", "uint1wo", "uint2wo", "uint3wo", "uint5wo", "uint6wo", "uint7wo",
@@ -237,7 +225,8 @@ def _add_bench_parser(sub, bench_arguments: bool) -> None:
     which main sets when the command is `bench`: their options and descriptions matter only then."""
     import importlib
 
-    bench = sub.add_parser("bench", help="benchmarks (kernels, whole models, compile) and the GPU check",
+    bench = sub.add_parser("bench", help="`bench kernels`, `bench model`, `bench compile` (cold against warm "
+                                "start) and `bench check` (the GPU check); results in benchmarks/results/",
                            description="Benchmarks that write a markdown table, a CSV and a PNG plot to "
                                        "benchmarks/results/ (--out-dir). Without CUDA they run a reduced CPU smoke "
                                        "run that checks they work, not their numbers.")
@@ -261,14 +250,15 @@ def build_parser(bench_arguments: bool = True) -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="quantrt", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", metavar="command")
+    sub = parser.add_subparsers(dest="command", metavar="command", title="commands")
 
-    info = sub.add_parser("info", help="versions, device, and which backends serve which schemes")
+    info = sub.add_parser("info", help="versions, the device, and which backend can serve which scheme here")
     info.add_argument("--device", help="device to report on (default: cuda if available, else cpu)")
     info.set_defaults(func=cmd_info)
 
     demo = sub.add_parser(
-        "demo", help="quantize and run a FLUX-architecture transformer with several schemes",
+        "demo", help="quantize a FLUX-architecture transformer (random weights, no download) with several schemes, "
+                     "run it, and print bytes, time per forward and error per scheme",
         description="Builds diffusers' FluxTransformer2DModel from a config with random weights (nothing is "
                     "downloaded), quantizes a copy with each scheme, runs one forward per repeat and prints a "
                     "table: weight bytes, ratio to bf16, milliseconds per forward (median, eager) and the "
@@ -288,7 +278,8 @@ def build_parser(bench_arguments: bool = True) -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     quantize = sub.add_parser(
-        "quantize", help="quantize a model folder into a quantrt folder",
+        "quantize", help="quantize an unquantized diffusers/transformers model folder (safetensors) into a quantrt "
+                         "folder, streaming one tensor at a time",
         description="Reads an unquantized diffusers or transformers model folder (config.json + safetensors, e.g. "
                     "what save_pretrained of diffusers wrote), quantizes each Linear weight as it is read (the "
                     "full-precision model is never whole in memory) and writes a quantrt folder that "
@@ -310,7 +301,8 @@ def build_parser(bench_arguments: bool = True) -> argparse.ArgumentParser:
     quantize.set_defaults(func=cmd_quantize)
 
     warmup = sub.add_parser(
-        "warmup", help="compile a quantized model for a list of shapes and fill the compile cache",
+        "warmup", help="compile a quantized model for a list of input shapes ahead of serving and save the graphs "
+                       "and kernels in the compile cache; --check proves a fresh process starts hot",
         description="Compiles a quantized model (a quantrt folder, or the demo FLUX model with random weights) "
                     "with torch.compile(fullgraph=True, mode=max-autotune), one static graph per input shape, "
                     "and saves the graphs, compiled kernels and kernel tuning picks in the cache entry of the "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,16 +26,24 @@ def format_table(headers: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
+SHARED_REASON_ROWS = 3  # a reason on this many rows or more is printed once, as a note
+
+
 class ModelSummary(list):
     """A list of LayerReport that prints as a table."""
 
     def __str__(self) -> str:
-        rows = [[r.name, f"{r.out_features}x{r.in_features}", r.scheme, r.backend, r.why or "-",
-                 r.bytes, f"{r.bytes / r.full_precision_bytes:.3f}"] for r in self]
+        # a reason that many layers share is printed once, below the table, and the rows point to it
+        counts = Counter(r.why for r in self if r.why)
+        shared = [why for why, count in counts.items() if count >= SHARED_REASON_ROWS]
+        marks = {why: f"[{i}]" for i, why in enumerate(shared, 1)}
+        rows = [[r.name, f"{r.out_features}x{r.in_features}", r.scheme, r.backend,
+                 marks.get(r.why, r.why or "-"), r.bytes, f"{r.bytes / r.full_precision_bytes:.3f}"] for r in self]
         quantized = sum(r.quantized for r in self)
         total, full = sum(r.bytes for r in self), sum(r.full_precision_bytes for r in self)
         table = format_table(["layer", "NxK", "scheme", "backend", "why", "bytes", "ratio"], rows)
-        return f"{table}\n{quantized}/{len(self)} Linear layers quantized; {total} bytes (was {full})"
+        notes = "".join(f"\n{marks[why]} {why} ({counts[why]} layers)" for why in shared)
+        return f"{table}{notes}\n{quantized}/{len(self)} Linear layers quantized; {total} bytes (was {full})"
 
 
 class QuantizedTransformer(nn.Module):
@@ -194,7 +203,7 @@ class QuantizedTransformer(nn.Module):
         from .serialization import (CONFIG_NAME, CheckpointError, build_skeleton, check_source_folder, load_tensors,
                                     parse_dtype, read_metadata)
 
-        device = torch.device(device)
+        device = usable_device(device)
         check_source_folder(path)
         if quantization is not None and (Path(path) / CONFIG_NAME).is_file():
             raise ValueError(f"{path} is a quantrt folder: it is already quantized, and it loads as stored: drop "
@@ -265,12 +274,28 @@ class QuantizedTransformer(nn.Module):
         quantrt.models.FLUX_SIZES when the file's shapes match one (the model hub is never asked)."""
         from .checkpoints import quantize_single_file
 
-        device = torch.device(device)
+        device = usable_device(device)
         quant_config = QuantConfig.coerce(quantization)
         if backend is not None:
             quant_config.backend = backend
         skeleton, kept = quantize_single_file(file, quant_config, config, device, torch_dtype, progress)
         return cls(skeleton.eval(), quant_config, _attach_backends(skeleton, quant_config, device, kept))
+
+
+def usable_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device, refused with the fix where this torch cannot reach it (a CUDA device on a
+    CPU build or a machine without a visible GPU), before any work."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU build of torch" if torch.version.cuda is None else "no visible CUDA GPU"
+            raise ValueError(f"device={str(device)!r}, but this machine has {build} (torch {torch.__version__}): "
+                             f"load with device='cpu', or install torch for your CUDA and check "
+                             f"CUDA_VISIBLE_DEVICES")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device={str(device)!r}, but only {torch.cuda.device_count()} CUDA device(s) are "
+                             f"visible: use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    return device
 
 
 def resolved_quant_config(config: QuantConfig, layers: list[str]) -> dict[str, Any]:

@@ -157,3 +157,26 @@ def test_dtype_cast_keeps_fp8_codes():
     qt.to(torch.float16)
     assert qt.model[0].qweight.dtype == torch.uint8 and torch.equal(qt.model[0].qweight, before)
     assert qt.model[0].scale.dtype == torch.float16
+
+
+@pytest.mark.parametrize("load", ["from_pretrained", "from_single_file"])
+def test_a_cuda_device_without_cuda_is_refused_with_the_fix(monkeypatch, tmp_path, load):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"device='cuda'.*load with device='cpu'"):
+        if load == "from_pretrained":
+            QuantizedTransformer.from_pretrained(tmp_path / "missing", device="cuda")
+        else:
+            QuantizedTransformer.from_single_file(tmp_path / "missing.safetensors", "int8wo", device="cuda")
+
+
+def test_summary_prints_a_reason_many_layers_share_once():
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(4)], nn.Linear(64, 48))
+    qt = QuantizedTransformer.from_model(model, QuantConfig("int8wo", backend="reference"))
+    reasons = [r.why for r in qt.summary()]
+    shared = max(set(reasons), key=reasons.count)
+    assert reasons.count(shared) == 5 and shared
+    text = str(qt.summary())
+    assert text.count(shared) == 1
+    assert f"[1] {shared} (5 layers)" in text
+    assert sum(line.split("|")[5].strip() == "[1]" for line in text.splitlines() if line.startswith("|")) == 5
