@@ -21,7 +21,7 @@ import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn as nn
@@ -330,6 +330,7 @@ class CompiledForward:
         self.compiled_signatures: set[str] = set()  # compiled in this process
         self.warm_signatures: dict[str, dict[str, Any]] = {}  # in the cache entry (loaded or written)
         self.warmed = False  # strict mode raises on new shapes once this is set
+        self._recording: tuple[WarmupReport, dict[str, dict[str, Any]]] | None = None  # inside recording()
         self._mutex = threading.RLock()
         kwargs = dict(fullgraph=options.fullgraph, dynamic=False)
         # torch >= 2.13: this model's graphs are its own; another model of the same classes neither reuses them
@@ -403,9 +404,44 @@ class CompiledForward:
         key = signature(args, kwargs)
         if key in self.compiled_signatures:
             output = self.fn(*args, **kwargs)
+        elif self._recording is not None:
+            output = self._warm_call(key, args, kwargs, *self._recording)
         else:
             output = self._first_call(key, args, kwargs)[0]
         return unpad_outputs(output, sizes) if sizes else output
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[WarmupReport]:
+        """Calls made inside the block warm up as `warmup` does: a shape not compiled yet is compiled (or
+        loaded from the entry), also in strict mode, reported, and saved to the cache entry when the block
+        ends. For inputs a caller cannot write down, such as the decode steps of transformers' generate."""
+        report, new_shapes = WarmupReport(), {}
+        self._recording = (report, new_shapes)
+        try:
+            yield report
+        finally:
+            self._recording = None
+            self.warmed = True
+            self.warm_signatures.update(new_shapes)
+            if self.entry is not None and (new_shapes or self.entry.status != "loaded"):
+                self._commit(new_shapes)
+            report.entry = self.entry
+
+    def _warm_call(self, key: str, args: tuple, kwargs: dict, report: WarmupReport,
+                   new_shapes: dict[str, dict[str, Any]]) -> Any:
+        from quantrt.kernels.tuning import default_table
+
+        known = self.warm_signatures.get(key)
+        picks = len(default_table().entries())
+        output, delta, seconds = self._first_call(key, args, kwargs, warming=True)
+        missed = bool(known) and delta["misses"] > 0
+        label = shape_label(args, kwargs)
+        report.append(ShapeReport(label, seconds, known["cold_s"] if known else seconds, delta["hits"],
+                                  delta["misses"], 0, len(default_table().entries()) - picks,
+                                  "missed" if missed else "warm" if known else "cold"))
+        if not known or missed:
+            new_shapes[key] = {"shape": label, "cold_s": known["cold_s"] if known else seconds, "last_s": seconds}
+        return output
 
     def _first_call(self, key: str, args: tuple, kwargs: dict,
                     warming: bool = False) -> tuple[Any, dict[str, int], float]:

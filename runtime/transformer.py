@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -57,6 +57,7 @@ class QuantizedTransformer(nn.Module):
         self.quant_config = quant_config
         self._reports = ModelSummary(reports)
         self._compiled = None  # a compile.CompiledForward once compile() ran
+        self._generate_caches = {}  # (batch, length) -> the static KV cache compiled generate() reuses
 
     @classmethod
     def from_model(cls, model: nn.Module, config: str | QuantConfig | dict = "int8wo", *,
@@ -116,6 +117,80 @@ class QuantizedTransformer(nn.Module):
         if self._compiled is None:
             self.compile()
         return self._compiled.warmup(examples, progress=progress, grad_mode=grad_mode, allow_new=allow_new)
+
+    def generate(self, *args, **kwargs):
+        """The wrapped model's `generate` (transformers). After compile(), its decode steps run the compiled
+        forward (quantrt's cache entry, strict mode) on a static KV cache (`cache_implementation="static"`
+        unless given), so every decode step of a batch size reuses one graph; the prefill runs eagerly, as
+        transformers' own compiled generation does (a graph per prompt length would compile otherwise), and
+        transformers' own compilation is off (`disable_compile=True`). The static cache is quantrt's: its
+        length is the bucket of prompt + max_new_tokens (`_static_cache`), so one decode graph serves every
+        generation of a batch size within a bucket; pass past_key_values or cache_implementation to choose
+        your own. `warmup_generate` warms the decode steps ahead of serving."""
+        generate = getattr(self.model, "generate", None)
+        if generate is None:
+            raise AttributeError(f"{type(self.model).__name__} has no generate(): it is not a transformers "
+                                 f"generation model")
+        if self._compiled is None:
+            return generate(*args, **kwargs)
+        if "past_key_values" not in kwargs and "cache_implementation" not in kwargs:
+            kwargs["past_key_values"] = self._static_cache(args[0] if args else kwargs.get("input_ids"),
+                                                           kwargs.get("max_new_tokens"))
+        kwargs.setdefault("disable_compile", True)
+        compiled = self._compiled
+        # transformers' decode loop calls `self.__call__` (an instance attribute wins over the class's), its
+        # prefill `self(...)` (the class's): only the decode steps go through the compiled forward, whose
+        # torch.compile holds the class's __call__, so nothing recurses
+        self.model.__call__ = lambda *a, **k: compiled(*a, **k)
+        try:
+            return generate(*args, **kwargs)
+        finally:
+            del self.model.__call__
+
+    def _static_cache(self, input_ids: torch.Tensor | None, max_new_tokens: int | None):
+        """A static KV cache for a generation of `input_ids` [batch, prompt] plus `max_new_tokens`, its length
+        the bucket of their sum (compile.bucket: 1, 2, 4, ... 4096, then multiples of 1024), so that every
+        generation in a bucket runs one decode graph. One cache per (batch, length) is kept and reset."""
+        from transformers import StaticCache  # generation needs transformers; quantrt does not
+
+        from .compile import bucket
+
+        if input_ids is None:
+            raise ValueError("compiled generate() needs input_ids (the prompt), as the first argument or input_ids=")
+        batch, prompt = input_ids.shape
+        config = getattr(self.model, "generation_config", None)
+        if max_new_tokens is None:
+            max_new_tokens = getattr(config, "max_new_tokens", None)
+        if max_new_tokens is None:
+            max_new_tokens = max(1, getattr(config, "max_length", prompt + 20) - prompt)
+        length = bucket(prompt + max_new_tokens)
+        cache = self._generate_caches.get((batch, length))
+        if cache is None:
+            cache = self._generate_caches[(batch, length)] = StaticCache(config=self.model.config,
+                                                                         max_cache_len=length)
+        else:
+            cache.reset()
+        return cache
+
+    def warmup_generate(self, prompt_lengths: Iterable[int], batch_size: int = 1, max_new_tokens: int = 3,
+                        **generate_kwargs):
+        """Compile the decode step of `generate` for `batch_size` ahead of serving, and save it in the cache
+        entry, by generating `max_new_tokens` (at least 2) from a dummy prompt of each length: this warms the
+        cache-length bucket of each prompt length + max_new_tokens (serve with the same max_new_tokens, or
+        any that stays in the bucket). Returns a
+        per-shape report, as `warmup` does. Compiles with the defaults first if compile() was not called."""
+        if max_new_tokens < 2:
+            raise ValueError(f"max_new_tokens={max_new_tokens}: the first new token comes from the prefill, so "
+                             f"warming the decode step needs at least 2")
+        if self._compiled is None:
+            self.compile()
+        device = next(self.model.parameters()).device
+        with torch.no_grad(), self._compiled.recording() as report:
+            for length in prompt_lengths:
+                ids = torch.zeros(batch_size, int(length), dtype=torch.long, device=device)
+                self.generate(ids, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
+                              **generate_kwargs)
+        return report
 
     @property
     def config(self):
