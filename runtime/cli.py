@@ -261,7 +261,7 @@ def build_parser(bench_arguments: bool = True) -> argparse.ArgumentParser:
                      "run it, and print bytes, time per forward and error per scheme",
         description="Builds diffusers' FluxTransformer2DModel from a config with random weights (nothing is "
                     "downloaded), quantizes a copy with each scheme, runs one forward per repeat and prints a "
-                    "table: weight bytes, ratio to bf16, milliseconds per forward (median, eager) and the "
+                    "table: stored and resident bytes, resident bytes / bf16, milliseconds per forward (median, eager) and the "
                     "output's relative L2 error against the unquantized model.")
     demo.add_argument("--size", choices=("tiny", "small", "full"), default="small",
                       help="tiny: one block of each kind, seconds on a CPU; small: a few layers, a minute or two "
@@ -272,7 +272,7 @@ def build_parser(bench_arguments: bool = True) -> argparse.ArgumentParser:
     demo.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     demo.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
                       help="compute dtype of the model (default: %(default)s)")
-    demo.add_argument("--backend", choices=("auto", "triton", "torchao", "quanto", "reference"), default="auto",
+    demo.add_argument("--backend", choices=("auto", "triton", "aten", "torchao", "quanto", "reference"), default="auto",
                       help="force one backend for every layer (default: auto fallback)")
     demo.add_argument("--repeats", type=int, default=3, help="timed forwards per scheme (default: %(default)s)")
     demo.set_defaults(func=cmd_demo)

@@ -10,7 +10,8 @@ from typing import Any, Mapping, Sequence
 
 from .schemes import PARAMETRIZED, Scheme, resolve_scheme
 
-BACKENDS = ("auto", "triton", "torchao", "quanto", "reference")
+# backends.ORDER with "auto" (config sits below backends, so it names them itself)
+BACKENDS = ("auto", "triton", "aten", "torchao", "quanto", "reference")
 _VARIANT_KWARGS = ("dtype", "bits", "ebits", "mbits", "weight_dtype", "granularity")
 AUTOQUANT = "autoquant"
 # what QuantConfig("autoquant") measures unless told: one scheme per width/activation kind (quantrt.autoquant)
@@ -40,7 +41,8 @@ class QuantConfig:
     entry + "." (torchao/diffusers), or when its own (child) name equals an entry (quanto).
     modules: per-module overrides, exact module name or "re:<regex>" (full match) -> scheme name,
     QuantConfig, or None (keep full precision). Exact names win over regexes; regexes are tried in order.
-    backend: "auto" (triton, torchao, quanto, reference: the first that can serve), or one of them.
+    backend: "auto" (triton, aten, torchao, quanto, reference: the first that can serve without keeping a copy
+    of the weight), or one of them.
     activation_scale: the calibrated activation scale of float8_static_activation_float8_weight, if known
     (else run `quantrt.calibrate`).
 

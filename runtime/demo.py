@@ -23,11 +23,17 @@ DEFAULT_SCHEMES = ("int8wo", "int4wo", "uint4wo", "float8wo_e4m3", "fp6_e3m2", "
 @dataclass
 class DemoRow:
     scheme: str
-    weight_bytes: int
-    ratio_to_bf16: float
+    stored_bytes: int  # what save_pretrained writes: parameters and buffers
+    resident_bytes: int  # in memory while serving: stored plus any copy a backend keeps beside it
+    ratio_to_bf16: float  # resident bytes / the model's bf16 bytes
     ms_per_forward: float
     relative_error: float
     backends: str
+    kept: list[str]  # layers kept in full precision, with why
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.resident_bytes
 
 
 def _sync(device: torch.device) -> None:
@@ -59,25 +65,42 @@ def run_demo(size: str = "small", schemes: Sequence[str] = DEFAULT_SCHEMES, devi
     model = build_flux(size, dtype=dtype, device=device)
     inputs = flux_inputs(model)
     bf16_bytes = model_bytes(model, torch.bfloat16)
+    echo(f"running the unquantized model ({repeats} timed forward{'s' if repeats != 1 else ''})")
     reference, ms = time_forward(model, inputs, device, repeats)
-    rows = [DemoRow(f"none ({str(dtype).removeprefix('torch.')})", model_bytes(model),
-                    model_bytes(model) / bf16_bytes, ms, 0.0, "torch")]
-    for config in configs:
-        qt = QuantizedTransformer.from_model(copy.deepcopy(model), config)
+    full = model_bytes(model)
+    rows = [DemoRow(f"none ({str(dtype).removeprefix('torch.')})", full, full, full / bf16_bytes, ms, 0.0, "torch", [])]
+    for i, config in enumerate(configs, 1):
+        start = time.perf_counter()
+        echo(f"[{i}/{len(configs)}] {config.scheme.name}: quantizing, then {repeats} timed forward"
+             f"{'s' if repeats != 1 else ''} ...")
+        qt = QuantizedTransformer.from_model(copy.deepcopy(model), config, progress=False)
         if config.scheme.activation == "fp8_static":
             from .calibrate import calibrate
             calibrate(qt, [inputs])
         out, ms = time_forward(qt, inputs, device, repeats)
-        used = Counter(r.backend for r in qt.summary() if r.quantized)
-        footprint = qt.memory_footprint()
-        rows.append(DemoRow(config.scheme.name, footprint, footprint / bf16_bytes, ms,
-                            relative_error(out, reference), ", ".join(f"{b} x{n}" for b, n in used.items())))
+        summary = qt.summary()
+        used = Counter(r.backend for r in summary if r.quantized)
+        kept = [f"{r.name} ({r.why})" for r in summary if not r.quantized]
+        resident = qt.memory_footprint()
+        rows.append(DemoRow(config.scheme.name, model_bytes(qt.model), resident, resident / bf16_bytes, ms,
+                            relative_error(out, reference), ", ".join(f"{b} x{n}" for b, n in used.items()), kept))
+        echo(f"      done in {time.perf_counter() - start:.1f} s")
         del qt
     table = format_table(
-        ["scheme", "weight bytes", "ratio to bf16", "ms / forward", "rel. error", "backends (layers)"],
-        [[r.scheme, f"{r.weight_bytes:,}", f"{r.ratio_to_bf16:.3f}", f"{r.ms_per_forward:.1f}",
-          f"{r.relative_error:.4f}", r.backends] for r in rows])
+        ["scheme", "stored bytes", "resident bytes", "resident / bf16", "ms / forward", "rel. error",
+         "backends (layers)"],
+        [[r.scheme, f"{r.stored_bytes:,}", f"{r.resident_bytes:,}", f"{r.ratio_to_bf16:.3f}",
+          f"{r.ms_per_forward:.1f}", f"{r.relative_error:.4f}", r.backends] for r in rows])
     tokens = inputs["hidden_states"].shape[1], inputs["encoder_hidden_states"].shape[1]
     echo(f"\nFLUX {size}: {tokens[0]} image + {tokens[1]} text tokens, batch 1, eager, median of {repeats}\n")
     echo(table)
+    echo("\nstored: what save_pretrained writes; resident: in memory while serving, with any copy a backend "
+         "keeps beside quantrt's buffers (summary() says which)")
+    for r in rows:
+        if r.kept:
+            echo(f"{r.scheme} kept {len(r.kept)} layer{'s' if len(r.kept) != 1 else ''} in full precision: "
+                 f"{'; '.join(r.kept)}")
+    if device.type == "cpu":
+        echo("CPU timings are for orientation only: on a shared CPU they move 2-4x between runs, and CPU speed "
+             "says nothing about GPU speed (quantrt bench kernels measures that on a GPU)")
     return rows

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .backends import Backend, get_backend, resident_bytes, select_backend
+from .backends import Backend, get_backend, select_backend
 from .config import QuantConfig
 from .schemes import Scheme
 
@@ -31,12 +31,31 @@ class QuantizedLinear(nn.Module):
         for key, (shape, tensor_dtype) in specs.items():
             self.register_buffer(key, torch.empty(shape, dtype=tensor_dtype, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
+        # None: the buffers are in quantrt's layout; else the name of the layout a backend repacked them into in
+        # place (the aten backend's 4-bit codes), which state_dict and `tensors()` convert back from
+        self.resident_layout: str | None = None
         self.backend = backend if backend is not None else get_backend("reference")
         self.backend_reason = ""
         # fp8 static activations need a calibrated scale before the first forward (quantrt.calibrate)
         self.calibrated = scheme.activation != "fp8_static"
         # backends may keep tensors derived from the buffers (torchao/quanto weights); rebuild them on load
         self.register_load_state_dict_post_hook(_prepare_after_load)
+        # a state dict is always in quantrt's layout, whatever the backend keeps in memory
+        self.register_state_dict_post_hook(_stored_layout_in_state_dict)
+        self.register_load_state_dict_pre_hook(_release_before_load)
+
+    @property
+    def backend(self) -> Backend:
+        """The backend that computes this layer's matmul. Assigning another one first has the current one hand
+        the buffers back in quantrt's layout (`Backend.release`); call `backend.prepare(layer)` after."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, backend: Backend) -> None:
+        previous = self.__dict__.get("_backend")
+        if previous is not None and previous is not backend:
+            previous.release(self)
+        self._backend = backend
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, scheme: Scheme, backend: Backend, name: str = "") -> QuantizedLinear:
@@ -67,10 +86,12 @@ class QuantizedLinear(nn.Module):
         parts = [self.scheme.quantize(weight[start:start + rows]) for start in starts]
         for key in parts[0]:
             setattr(self, key, parts[0][key] if len(parts) == 1 else torch.cat([part[key] for part in parts]))
+        self.resident_layout = None  # new buffers in quantrt's layout; the backend's prepare repacks them
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The stored quantized tensors by name."""
-        return {key: getattr(self, key) for key in self.scheme.tensor_specs(1, self.in_features, torch.float32)}
+        """The stored quantized tensors by name, in quantrt's layout (converted back where the backend keeps
+        a buffer in a layout of its own: `resident_layout`)."""
+        return self.backend.stored_tensors(self)
 
     def dequantize(self) -> torch.Tensor:
         """The weight [N, K] in float32, as the reference computes it."""
@@ -80,7 +101,7 @@ class QuantizedLinear(nn.Module):
         """Bytes this layer keeps in memory: its buffers (what save_pretrained writes) plus what its backend
         built from them in storage of its own (`Backend.extra_bytes`: quanto's repacked int4 codes, say; a
         backend's view of a buffer adds nothing)."""
-        return resident_bytes(self.buffers()) + self.backend.extra_bytes(self)
+        return sum(b.numel() * b.element_size() for b in self.buffers()) + self.backend.extra_bytes(self)
 
     def __deepcopy__(self, memo: dict) -> QuantizedLinear:
         # what the backend derived from the buffers is rebuilt on the copy, not copied: some tensor
@@ -143,7 +164,7 @@ def init_act_scale(layer: QuantizedLinear, activation_scale: float | None,
     """Set the static activation scale [1, 1] (float32) of a layer whose scheme has one (fp8 static
     activations; other layers are left alone): `activation_scale`, or NaN, which marks a scale not yet
     calibrated (quantrt.calibrate measures it), also in a saved model. `device`: default the qweight's."""
-    if "act_scale" not in layer.tensors():
+    if "act_scale" not in layer.scheme.tensor_specs(1, layer.in_features, torch.float32):
         return
     value = float("nan") if activation_scale is None else activation_scale
     layer.act_scale = torch.full((1, 1), value, dtype=torch.float32,
@@ -153,6 +174,20 @@ def init_act_scale(layer: QuantizedLinear, activation_scale: float | None,
 
 def _prepare_after_load(layer: QuantizedLinear, incompatible_keys) -> None:
     layer.backend.prepare(layer)
+
+
+def _stored_layout_in_state_dict(layer: QuantizedLinear, state_dict: dict, prefix: str, local_metadata) -> None:
+    if layer.resident_layout is None:
+        return
+    for key, tensor in layer.tensors().items():
+        if prefix + key in state_dict:
+            state_dict[prefix + key] = tensor.detach()
+
+
+def _release_before_load(layer: QuantizedLinear, state_dict: dict, prefix: str, *args) -> None:
+    # the incoming tensors are in quantrt's layout: copy them into buffers in that layout, then prepare again
+    if layer.resident_layout is not None:
+        layer.backend.release(layer)
 
 
 @dataclass

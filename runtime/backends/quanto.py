@@ -127,6 +127,19 @@ class QuantoBackend(Backend):
             return f"optimum-quanto {quanto_version()} does not import: {type(e).__name__}: {e}"
         return None
 
+    def copy_bytes(self, scheme: Scheme, device: torch.device, shape: tuple[int, int],
+                   dtype: torch.dtype) -> int | None:
+        """quanto's copies beside the buffers: none for 8-bit weights (views), except Marlin's fp8 repack on
+        CUDA; quanto's own packing of 4/2-bit codes plus its shifts in the layer's dtype (CPU checked against
+        `extra_bytes` in the tests; quanto's CUDA packings are taken to be the same size, unverified)."""
+        n, k = shape
+        if scheme.weight == "uintx":
+            return n * k * scheme.bits // 8 + n * (k // scheme.group_size) * dtype.itemsize
+        if (torch.device(device).type == "cuda" and scheme.weight == "fp8" and scheme.fp8 == "e4m3"
+                and n % 64 == 0 and k % 128 == 0):
+            return n * k
+        return 0
+
     def prepare(self, layer: QuantizedLinear) -> None:
         layer.backend_weight = None
         if layer.qweight.is_meta:  # a skeleton before its tensors are loaded: nothing to build yet

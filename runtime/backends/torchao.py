@@ -289,6 +289,33 @@ class TorchaoBackend(Backend):
             return f"torchao quantizes bfloat16, float16 and float32 layers, not {dtype}"
         return None
 
+    def copy_bytes(self, scheme: Scheme, device: torch.device, shape: tuple[int, int],
+                   dtype: torch.dtype) -> int | None:
+        """torchao's copies beside the buffers, from its layouts (CPU checked against `extra_bytes` in the tests;
+        CUDA from torchao's documentation): float32 scales of int8 and fp8 (a view only in float32 layers), int8
+        zero points of int8, one int8 per intX code plus zero points in the layer's dtype, and the CUDA int4
+        tile packing (packed codes plus bf16 scales and zeros) and fp8 dynamic-activation weights, which torchao
+        quantizes itself."""
+        device = torch.device(device)
+        n, k = shape
+        groups = 1 if scheme.group_size is None else k // scheme.group_size
+        scale_copy = 0 if dtype == torch.float32 else n * groups * 4
+        try:
+            config = type(torchao_config(scheme, device, dtype)).__name__
+        except TorchaoCannotServe:
+            return None
+        if config.startswith("Int4WeightOnly"):  # tinygemm: int32-packed codes, bf16 [K/g, N, 2] scales and zeros
+            return n * k // 2 + n * groups * 4
+        if scheme.activation in ("fp8_tensor", "fp8_row"):
+            return n * k + (n * 4 if scheme.activation == "fp8_row" else 4)
+        if scheme.weight == "int8":
+            return scale_copy + n * groups
+        if scheme.weight == "fp8":
+            return scale_copy
+        if scheme.weight == "uintx":
+            return n * k + n * groups * dtype.itemsize
+        return None
+
     def prepare(self, layer: QuantizedLinear) -> None:
         layer.backend_weight = None
         if layer.qweight.is_meta:  # a skeleton before its tensors are loaded: nothing to build yet

@@ -228,9 +228,10 @@ def test_memory_objective_picks_the_smallest_within_budget_and_breaks_ties_by_ti
         chosen[name], ties[name] = layer.chosen.scheme, len(same_size)
         assert qt.model.get_submodule(name).storage_bytes() == smallest
     # bytes are what a layer keeps in memory: at 4 bits quanto and torchao keep repacked copies of the codes
-    # beside the buffers, so the reference is smallest; at 8 bits quanto's weight is a view of the buffers,
-    # so backends tie and time decides
-    assert plan.layers["0"].chosen.backend == "reference" and ties["4"] > 1
+    # beside the buffers, while the reference and aten (torch's CPU packing in place of quantrt's, offsets computed
+    # per call in float32 at group 128) keep none, so those two tie and time decides; at 8 bits quanto's and aten's
+    # weights are views of the buffers, so backends tie too
+    assert plan.layers["0"].chosen.backend in ("reference", "aten") and ties["0"] > 1 and ties["4"] > 1
     # uint2wo is over the budget; 4 bits in groups of 128 where K allows, of 64 where only that fits,
     # 8 bits per channel (int8 and fp8 store the same bytes) where no group fits
     assert chosen["0"] == "int4wo" and chosen["2"] == "uint4wo" and chosen["4"] in ("int8wo", "float8wo_e4m3")

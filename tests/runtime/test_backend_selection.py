@@ -1,10 +1,16 @@
-"""Backend selection: backend= argument, then QUANTRT_BACKEND, then the first of triton, torchao, quanto,
-reference that can serve; explicit-but-unable errors; per-layer fallback recorded in summary().
+"""Backend selection: backend= argument, then QUANTRT_BACKEND, then the first of triton, aten, torchao, quanto,
+reference that can serve and keeps no copy beyond COPY_LIMIT; explicit-but-unable errors; per-layer fallback
+recorded in summary().
 
 The triton backend is replaced by a stand-in where a test needs a known answer from it: on CPU quantrt's
 kernels run only under the Triton interpreter (tests/conftest.py turns it on), which auto never picks."""
 
 import copy
+import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -85,13 +91,16 @@ def test_argument_beats_environment_beats_auto(monkeypatch):
     assert {r.why for r in by_environment.summary() if r.quantized} == {"asked for (QUANTRT_BACKEND)"}
     monkeypatch.delenv("QUANTRT_BACKEND")
     automatic = quantize(QuantConfig("int8wo"))
-    assert backends_of(automatic) == {"torchao"}
+    assert backends_of(automatic) == {"aten"}
     assert all(r.why.startswith("auto (triton: needs a CUDA GPU)") for r in automatic.summary() if r.quantized)
 
 
 @pytest.mark.parametrize("name, chosen, passed_over", [
-    ("int8wo", "torchao", ["triton: needs a CUDA GPU"]),
-    ("uint3wo", "torchao", ["triton: needs a CUDA GPU"]),
+    ("int8wo", "aten", ["triton: needs a CUDA GPU"]),
+    ("float8wo_e4m3", "torchao", ["triton: needs a CUDA GPU", "aten: torch has CPU weight-only kernels for int8"]),
+    ("uint3wo", "reference", ["triton: needs a CUDA GPU", "aten:", "torchao: keeps a copy beside the buffers: +",
+                              "of what the scheme stores; used only when asked for by name", "quanto: quanto has no",
+                              "on CPU its speed is the reference's dequantize path"]),
     ("float8dq_e4m3_row", "reference", ["triton: needs a CUDA GPU", "torchao:", "8.9", "quanto:", "per token"]),
     ("float8_static_activation_float8_weight", "reference", ["torchao:", "quanto:", "calibrat"]),
 ])
@@ -105,27 +114,30 @@ def test_auto_takes_the_first_that_can_serve_and_records_why(monkeypatch, name, 
     assert passed_over[0] in str(qt.summary())
 
 
-def test_real_auto_order_on_cpu():
-    # quantrt's kernels run on CPU only through the Triton interpreter, which auto never picks
-    for name in ["int8wo", "uint3wo", "int8dq", "float8dq_e4m3_tensor"]:
-        usable = usable_backends(resolve_scheme(name), CPU)
-        assert usable[-1] == "reference"
-        qt = quantize(QuantConfig(name))
-        assert backends_of(qt) == {next(b for b in usable if b != "triton")}, name
-        assert "triton:" in qt.summary()[0].why
-    assert "torchao" in usable_backends(resolve_scheme("uint3wo"), CPU)
-    assert "quanto" not in usable_backends(resolve_scheme("uint3wo"), CPU)
+@pytest.mark.parametrize("name, chosen", [("int8wo", "aten"), ("int4wo", "aten"), ("uint3wo", "reference"),
+                                          ("int8dq", "torchao"), ("float8dq_e4m3_tensor", "reference")])
+def test_real_auto_order_on_cpu(name, chosen):
+    # quantrt's kernels run on CPU only through the Triton interpreter, which auto never picks; after it, the first
+    # backend that can serve and keeps no copy (torchao can serve uint3wo, from a copy of unpacked codes)
+    usable = usable_backends(resolve_scheme(name), CPU)
+    assert usable[-1] == "reference" and chosen in usable
+    qt = quantize(QuantConfig(name, group_size=32 if name == "int4wo" else None),
+                  model=nn.Sequential(nn.Linear(256, 96), nn.ReLU(), nn.Linear(96, 64)))
+    assert backends_of(qt) == {chosen}, name
+    assert "triton:" in qt.summary()[0].why
+    if name == "uint3wo":
+        assert "torchao" in usable and "quanto" not in usable
 
 
 def test_a_layer_a_backend_cannot_take_falls_back_alone(monkeypatch):
     use_triton(monkeypatch, NoKernel())
-    use_backend(monkeypatch, "torchao", ShapeLimitedStandIn("torchao"))
+    use_backend(monkeypatch, "aten", ShapeLimitedStandIn("aten"))
     model = nn.Sequential(nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 32))
     reference = quantize(QuantConfig("int8wo", backend="reference"), model=copy.deepcopy(model))
     qt = quantize(QuantConfig("int8wo"), model=model)
     by_layer = {r.name: r for r in qt.summary()}
-    assert by_layer["0"].backend == "torchao"
-    assert by_layer["2"].backend == "quanto" and "torchao: K=64 is not a multiple of 128" in by_layer["2"].why
+    assert by_layer["0"].backend == "aten"
+    assert by_layer["2"].backend == "torchao" and "aten: K=64 is not a multiple of 128" in by_layer["2"].why
     x = torch.randn(5, 256)
     torch.testing.assert_close(qt(x), reference(x))
 
@@ -166,7 +178,7 @@ def test_unknown_backend_in_the_environment_is_an_error(monkeypatch):
 def test_a_backend_whose_module_does_not_import_is_passed_over(monkeypatch):
     use_triton(monkeypatch, ModuleNotFoundError("No module named 'triton'", name="triton"))
     qt = quantize(QuantConfig("int8wo"))
-    assert backends_of(qt) == {"torchao"}
+    assert backends_of(qt) == {"aten"}
     assert "triton: its module does not import: No module named 'triton'" in qt.summary()[0].why
 
 
@@ -178,6 +190,10 @@ def test_reference_backend_compiles_fullgraph_on_cpu():
     torch._dynamo.reset()
     compiled = torch.compile(qt, fullgraph=True)(x)
     torch.testing.assert_close(compiled, eager, **tolerance("uint4wo", dtype))
+
+
+def test_config_takes_every_backend_by_name():
+    assert quantrt.config.BACKENDS == ("auto", *backends.ORDER)
 
 
 def test_resident_bytes_counts_each_storage_once():
@@ -221,6 +237,11 @@ def test_a_nan_or_inf_activation_row_gives_non_finite_outputs_in_that_row_only(b
     assert clean.isfinite().all()
 
 
+# float32: what auto picks for layer "0" (96x256) and "2" (40x96: N % 16 != 0, which torch's int4 packing refuses)
+FLOAT32_CHOICE = {"int8wo": ("aten", "aten"), "uint4wo": ("aten", "reference"), "float8wo_e4m3": ("torchao", "torchao"),
+                  "int8dq": ("torchao", "torchao"), "int4dq": ("reference", "reference")}
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("scheme, group_size", [("int8wo", None), ("uint4wo", 32), ("float8wo_e4m3", None),
                                                 ("int8dq", None), ("int4dq", 32)],
@@ -232,12 +253,14 @@ def test_auto_passes_over_backends_that_cannot_take_the_layer_dtype_and_says_why
     qt = quantize(QuantConfig(scheme, group_size=group_size), model=model)
     reports = [r for r in qt.summary() if r.quantized]
     assert len(reports) == 2
-    for report in reports:
+    for report, chosen in zip(reports, FLOAT32_CHOICE[scheme]):
         if dtype == torch.float64:
             assert report.backend in ("quanto", "reference"), report
             assert "torchao: torchao quantizes bfloat16, float16 and float32 layers, not torch.float64" in report.why
+            if scheme in ("int8wo", "uint4wo"):
+                assert "aten: torch's CPU weight-only kernels compute in bfloat16, float16 or float32" in report.why
         else:
-            assert report.backend == "torchao", report
+            assert report.backend == chosen, report
         assert "triton:" in report.why
     x = torch.randn(5, 256, dtype=dtype)
     y = qt(x)
@@ -279,3 +302,96 @@ def test_an_input_that_is_not_a_tensor_is_a_type_error_naming_the_layer_and_the_
                                             rf"{type(bad).__name__}; convert it first: "
                                             rf"torch\.as_tensor\(x, dtype=torch\.float32\)"):
             call(bad)
+
+
+@pytest.mark.parametrize("backend, scheme, group_size", [("torchao", "uint4wo", 32), ("quanto", "int4wo", 32),
+                                                         ("torchao", "uint3wo", 32), ("quanto", "uint2wo", 32)],
+                         ids=lambda v: str(v))
+def test_a_backend_that_keeps_a_copy_serves_only_when_asked_for_by_name_and_says_what_it_costs(backend, scheme,
+                                                                                                 group_size):
+    # before: auto chose torchao for every 4-bit and sub-byte scheme on CPU, whose unpacked codes are 2-8x the
+    # stored bytes
+    model = nn.Sequential(nn.Linear(256, 96), nn.ReLU(), nn.Linear(96, 64))
+    reference = quantize(QuantConfig(scheme, group_size=group_size, backend="reference"), model=copy.deepcopy(model))
+    automatic = quantize(QuantConfig(scheme, group_size=group_size), model=copy.deepcopy(model))
+    if scheme in ("uint4wo", "int4wo"):  # torch's CPU kernel, from its packing in place of quantrt's
+        assert backends_of(automatic) == {"aten"}
+    else:
+        assert backends_of(automatic) == {"reference"}
+        for report in automatic.summary():
+            assert f"{backend}: keeps a copy beside the buffers: +" in report.why, report.why
+            assert "used only when asked for by name" in report.why
+    named = quantize(QuantConfig(scheme, group_size=group_size, backend=backend), model=model)
+    assert backends_of(named) == {backend}
+    for report, layer in zip(named.summary(), named.quantized_layers().values()):
+        shape = (layer.out_features, layer.in_features)
+        stored = backends.scheme_bytes(layer.scheme, shape, torch.float32)
+        extra = layer.backend.extra_bytes(layer)
+        assert extra > backends.COPY_LIMIT * stored
+        cost = f"keeps a copy beside the buffers: +{extra / stored:.0%} of what the scheme stores"
+        assert report.why == f"asked for (backend=); {cost}"
+        assert report.bytes == layer.storage_bytes() == stored + extra + 4 * layer.out_features  # + the bias
+    x = torch.randn(5, 256)
+    torch.testing.assert_close(named(x), reference(x), **tolerance(scheme, torch.float32))
+    torch.testing.assert_close(automatic(x), reference(x), **tolerance(scheme, torch.float32))
+
+
+@pytest.mark.parametrize("backend", ["aten", "torchao", "quanto", "reference"])
+def test_the_copy_auto_predicts_is_the_copy_the_layer_keeps(backend):
+    # auto decides from Backend.copy_bytes before a layer is built; extra_bytes counts what the built layer keeps
+    from .backend_cases import DYNAMIC, WEIGHT_ONLY
+
+    checked = 0
+    for scheme, group_size in WEIGHT_ONLY + DYNAMIC:
+        for dtype in (torch.float32, torch.bfloat16):
+            model = nn.Sequential(nn.Linear(256, 96, dtype=dtype), nn.ReLU(), nn.Linear(96, 64, dtype=dtype))
+            try:
+                qt = quantize(QuantConfig(scheme, group_size=group_size, backend=backend), model=model)
+            except BackendUnavailable:
+                continue
+            for layer in qt.quantized_layers().values():
+                shape = (layer.out_features, layer.in_features)
+                predicted = layer.backend.copy_bytes(layer.scheme, CPU, shape, dtype)
+                assert predicted == layer.backend.extra_bytes(layer), (scheme, group_size, dtype, shape)
+                checked += 1
+    assert checked >= 8
+
+
+# compiled in a fresh process, twice with one Inductor cache folder: the second must load every graph from it
+COMPILE_TWICE = textwrap.dedent("""
+    import json, sys, warnings, torch, torch.nn as nn
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+    from quantrt import QuantConfig, QuantizedTransformer
+    warnings.simplefilter("ignore")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 128), nn.GELU(), nn.Linear(128, 64)).to(torch.bfloat16)
+    qt = QuantizedTransformer.from_model(model, QuantConfig(sys.argv[1]), progress=False)
+    tensors = [t for layer in qt.quantized_layers().values()
+               for t in [*layer.buffers(), *layer.backend.derived_tensors(layer)]]
+    with torch.no_grad():
+        torch.compile(qt, fullgraph=True)(torch.randn(3, 128, dtype=torch.bfloat16))
+    print(json.dumps({"backends": sorted({r.backend for r in qt.summary()}),
+                      "plain": not any(is_traceable_wrapper_subclass(t) for t in tensors),
+                      "counters": dict(torch._dynamo.utils.counters["inductor"])}))
+""")
+
+
+@pytest.mark.parametrize("scheme, chosen, plain", [("int8wo", "aten", True), ("int4wo", "aten", True),
+                                                   ("uint3wo", "reference", True), ("float8wo_e4m3", "torchao", False),
+                                                   ("int8dq", "torchao", False)], ids=lambda v: str(v))
+def test_what_auto_picks_on_cpu_compiles_once_and_a_fresh_process_hits_the_fx_graph_cache(scheme, chosen, plain,
+                                                                                         tmp_path):
+    # torchao's tensor subclasses warn that they lack _stable_hash_for_caching; torch 2.13 then hashes their
+    # inner tensors and metadata, and their graphs hit the cache as well as plain tensors' do
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    env.pop("QUANTRT_BACKEND", None)
+    runs = []
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", COMPILE_TWICE, scheme], capture_output=True, text=True, env=env,
+                             timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    assert runs[0]["backends"] == [chosen] and runs[0]["plain"] == plain
+    assert runs[0]["counters"].get("fxgraph_cache_miss", 0) >= 1
+    assert runs[1]["counters"].get("fxgraph_cache_hit", 0) >= 1, runs[1]
+    assert runs[1]["counters"].get("fxgraph_cache_miss", 0) == 0, runs[1]
