@@ -80,7 +80,7 @@ def run_demo(size: str = "small", schemes: Sequence[str] = DEFAULT_SCHEMES, devi
         out, ms = time_forward(qt, inputs, device, repeats)
         summary = qt.summary()
         used = Counter(r.backend for r in summary if r.quantized)
-        kept = [f"{r.name} ({r.why})" for r in summary if not r.quantized]
+        kept = [f"{r.name} ({r.why.removeprefix('kept in full precision: ')})" for r in summary if not r.quantized]
         resident = qt.memory_footprint()
         rows.append(DemoRow(config.scheme.name, model_bytes(qt.model), resident, resident / bf16_bytes, ms,
                             relative_error(out, reference), ", ".join(f"{b} x{n}" for b, n in used.items()), kept))
