@@ -19,6 +19,7 @@ its own.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -59,6 +60,7 @@ class WeightFormat:
     def has_zero(self) -> bool:
         return self.kind == UINTX
 
+    @functools.lru_cache(maxsize=None)  # on every launch: a format and dtype's answer never changes
     def codes_exact_in(self, dtype: torch.dtype) -> bool:
         """Whether every decoded code (before scale and zero point) is exact in `dtype`, so that a
         per-channel scale may multiply the fp32 accumulator after the K loop instead of every weight.

@@ -26,7 +26,9 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
+from triton.runtime.interpreter import InterpretedFunction
 
 from .formats import FLOATX, UINTX, WeightFormat, apply_group_params, decode, load_codes
 
@@ -224,13 +226,15 @@ def _dequantize_kernel(
     tl.store(out_ptr + n * K + k[None, :], w.to(out_ptr.dtype.element_ty), mask=n_mask & (k < K)[None, :])
 
 
+# triton.jit decided at decoration whether the kernels are interpreted
+_DECORATED_FOR_INTERPRETER = isinstance(_matmul_kernel, InterpretedFunction)
+
+
 def interpreting() -> bool:
     """Whether the kernels run in Triton's interpreter: TRITON_INTERPRET=1 now, and it was set when this
     module was imported (triton.jit decides at decoration). Read at call time, so that tests can turn
     the interpreter off (monkeypatch the variable) to reach the ops' reference path."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return os.environ.get("TRITON_INTERPRET") == "1" and isinstance(_matmul_kernel, InterpretedFunction)
+    return _DECORATED_FOR_INTERPRETER and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def interpreter_mismatch() -> str | None:
@@ -239,6 +243,11 @@ def interpreter_mismatch() -> str | None:
         return ("TRITON_INTERPRET=1 was set after quantrt.kernels was imported; set it before the first "
                 "import of quantrt")
     return None
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) on Python ints (triton.cdiv is a constexpr function: microseconds a call on the launch path)."""
+    return -(-a // b)
 
 
 def group_size_of(k: int, scale: torch.Tensor) -> int:
@@ -262,8 +271,6 @@ def native_fp8(fmt: WeightFormat, device: torch.device) -> bool:
 def byte_address(t: torch.Tensor) -> int:
     """The tensor's first byte as an address, or, for a fake tensor (torch.compile tracing, where the
     caching allocator's 512-byte aligned blocks are assumed), its offset into its storage."""
-    from torch._subclasses.fake_tensor import is_fake
-
     if is_fake(t) or t.device.type == "meta":
         return t.storage_offset() * t.element_size()
     return t.data_ptr()
@@ -290,7 +297,7 @@ def dequantize_launch(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Te
                       out: torch.Tensor, config: KernelConfig) -> tuple[tuple, tuple, dict]:
     """(grid, arguments, constexprs and launch options) of `_dequantize_kernel` writing out [N, K]."""
     n, k = out.shape
-    grid = (triton.cdiv(n, config.block_n), triton.cdiv(k, config.block_k))
+    grid = (cdiv(n, config.block_n), cdiv(k, config.block_k))
     args = (qweight, scale, zero if zero is not None else scale, out, n, k, qweight.stride(0), _stride_sn(scale))
     return grid, args, dict(format_constexprs(fmt, qweight, scale, k), EVEN_K=k % config.block_k == 0,
                             BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages)
@@ -332,7 +339,7 @@ def matmul_launch(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, z
     along K) into out [M, N]: what `run` launches and what the code-generation checks compile."""
     m, k = x.shape
     n = qweight.shape[0]
-    grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n),)
+    grid = (cdiv(m, config.block_m) * cdiv(n, config.block_n),)
     args = (x, qweight, scale, zero if zero is not None else scale, bias if bias is not None else scale, out,
             m, n, k, x.stride(0), qweight.stride(0), _stride_sn(scale), out.stride(0))
     return grid, args, dict(
