@@ -582,14 +582,22 @@ def step_precompile(ctx: CheckContext, result: StepResult) -> None:
     result.detail = f"{len(entries)} variants, {wall:.1f} s wall, {errors} errors"
 
 
-def step_parity(ctx: CheckContext, result: StepResult) -> None:
+def _kernels_unavailable(ctx: CheckContext, result: StepResult, step: str) -> bool:
+    """Record that `step` cannot check the kernels here (a failure where they do not import, else a skip);
+    False where they can be checked."""
     reason, is_failure = kernels_unavailable_reason(ctx.device)
-    if reason:
-        ctx.markdown.write("", f"parity: not checked: {reason}")
-        ctx.record(CheckRow("parity", status="FAIL" if is_failure else "skipped", note=reason))
-        result.status, result.detail = ("FAILED" if is_failure else "skipped"), reason
-        if is_failure:
-            result.failures.append(f"parity: {reason}")
+    if not reason:
+        return False
+    ctx.markdown.write("", f"{step}: not checked: {reason}")
+    ctx.record(CheckRow(step, status="FAIL" if is_failure else "skipped", note=reason))
+    result.status, result.detail = ("FAILED" if is_failure else "skipped"), reason
+    if is_failure:
+        result.failures.append(f"{step}: {reason}")
+    return True
+
+
+def step_parity(ctx: CheckContext, result: StepResult) -> None:
+    if _kernels_unavailable(ctx, result, "parity"):
         return
     plan = SMOKE_PARITY if ctx.smoke else GPU_PARITY
     formats = ctx.args.parity_formats
@@ -749,13 +757,7 @@ def _kernel_names_in(code: str) -> list[str]:
 
 
 def step_compile(ctx: CheckContext, result: StepResult) -> None:
-    reason, is_failure = kernels_unavailable_reason(ctx.device)
-    if reason:
-        ctx.markdown.write("", f"compile: not checked: {reason}")
-        ctx.record(CheckRow("compile", status="FAIL" if is_failure else "skipped", note=reason))
-        result.status, result.detail = ("FAILED" if is_failure else "skipped"), reason
-        if is_failure:
-            result.failures.append(f"compile: {reason}")
+    if _kernels_unavailable(ctx, result, "compile"):
         return
     plan = SMOKE_COMPILE if ctx.smoke else GPU_COMPILE
     mode = ctx.args.compile_mode
