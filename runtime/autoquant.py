@@ -43,17 +43,14 @@ plan for the same full-precision model without measuring, and measures again whe
 
 from __future__ import annotations
 
-import functools
 import json
 import math
-import platform
 import statistics
 import time
 import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version as package_version
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import torch
@@ -61,12 +58,16 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .backends import ORDER, _reason, requested_backend
-from .calibrate import calibrate, run_examples
+from .calibrate import calibrate
+from .devices import device_name
+from .examples import run_examples
 from .config import QuantConfig
 from .kernels.quantize import FP8_DTYPES
 from .metrics import relative_error
 from .modules import LayerReport, QuantizedLinear, init_act_scale
 from .schemes import Scheme, resolve_scheme
+from .tables import format_table
+from .version import __version__
 
 if TYPE_CHECKING:
     from .transformer import QuantizedTransformer
@@ -273,7 +274,6 @@ class AutoquantPlan:
 
     def table(self) -> str:
         """A markdown table: layer, choice, ms, error, bytes, runner-up, full-precision ms."""
-        from .transformer import format_table
 
         rows = []
         for name, layer in self.layers.items():
@@ -333,30 +333,8 @@ def _trial_text(trial: Trial, objective: str) -> str:
     return f"{trial.label} {_ms(trial.ms)}, err {trial.error:.2%}{size}"
 
 
-@functools.cache
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
-def device_name(device: torch.device | str) -> str:
-    """What timings depend on: the GPU's name ("NVIDIA H100 80GB HBM3"), or "cpu: <CPU model>"."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    if device.type == "cpu":
-        return f"cpu: {_cpu_model()}"
-    return device.type
-
-
 def current_versions() -> dict[str, str | None]:
     """Installed versions of VERSIONED_PACKAGES (None where not installed)."""
-    from . import __version__
 
     versions: dict[str, str | None] = {}
     for name in VERSIONED_PACKAGES:

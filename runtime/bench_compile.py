@@ -26,6 +26,7 @@ import torch
 from . import bench_common as bc
 from .bench_common import Run, cell, pick_device, write_csv, write_text
 from .models import FLUX_TOKENS
+from .tables import format_table
 
 TARGETS = {"tiny": 0.20, "full": 0.10}
 HEADERS = ["model", "scheme", "mode", "regional", "shapes", "cold compile s", "warm compile s", "warm/cold",
@@ -93,7 +94,6 @@ class Outputs:
 
 def run(args: argparse.Namespace, prog: str, argv: Sequence[str], echo: Callable[[str], None] = print) -> Outputs:
     """Measure each configuration `args` asks for and write the markdown table and the CSV."""
-    from .transformer import format_table
 
     device = pick_device(args.cpu_smoke, echo)
     run_info = Run.create("compile", device, prog, argv, args.out_dir)

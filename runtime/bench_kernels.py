@@ -46,7 +46,7 @@ from .backends import get_backend
 from .metrics import relative_error
 from .modules import QuantizedLinear
 from .schemes import Scheme, resolve_scheme
-from .transformer import format_table
+from .tables import format_table
 
 FORMATS = ("int8wo", "int4wo", "uint1wo", "uint2wo", "uint3wo", "uint4wo", "uint5wo", "uint6wo", "uint7wo",
            "float8wo_e4m3", "float8wo_e5m2", "fp3_e1m1", "fp4_e2m1", "fp5_e2m2", "fp6_e3m2", "fp7_e3m3")

@@ -62,7 +62,8 @@ from .config import AUTOQUANT_MAX_ERROR, QuantConfig
 from .metrics import relative_error
 from .models import FLUX_SIZES, FLUX_TOKENS, LLM_SIZES, build_flux, build_llm, flux_inputs
 from .schemes import Scheme, resolve_scheme
-from .transformer import QuantizedTransformer, format_table
+from .tables import format_table
+from .transformer import QuantizedTransformer
 
 MODELS = ("flux", "llm")
 SCHEMES = ("int8wo", "int4wo", "uint3wo", "float8wo_e4m3", "float8wo_e5m2", "fp6_e3m2")

@@ -34,7 +34,6 @@ import atexit
 import hashlib
 import json
 import os
-import platform
 import re
 import shlex
 import shutil
@@ -457,22 +456,10 @@ def _read_tuning(path: Path) -> dict[str, dict[str, Any]]:
     return picks
 
 
-def device_name(device) -> str:
-    """What compiled code depends on: the GPU's name and capability, or the CPU's architecture and the vector
-    ISA Inductor generates C++ for."""
-    import torch
-
-    device = torch.device(device)
-    if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        return f"{torch.cuda.get_device_name(device)} (SM {major}.{minor})"
-    return f"{device.type}: {platform.machine()} {torch.backends.cpu.get_cpu_capability()}"
-
-
 def lock_timeout_error(entry: CacheEntry) -> str:
     return (f"another process has held the lock of cache entry {entry.path} for {entry.lock.timeout:.0f} s; if no "
             f"quantrt process is warming it, delete {entry.lock.lock_file}")
 
 
-__all__ = ["CacheEntry", "CacheWarning", "Manifest", "Timeout", "cache_root", "compiler_safe", "device_name",
+__all__ = ["CacheEntry", "CacheWarning", "Manifest", "Timeout", "cache_root", "compiler_safe",
            "fingerprint_of", "manifest_checksum", "sha256_file", "work_base"]

@@ -8,28 +8,8 @@ import torch
 import torch.nn as nn
 
 from .kernels.quantize import FP8_DTYPES
+from .examples import run_examples
 from .modules import QuantizedLinear
-
-
-def call_with(model: nn.Module, example: Any) -> Any:
-    """Call `model` with one example input: a dict of keyword arguments, a tuple/list of positional
-    arguments, or a single tensor."""
-    from .compile import as_call
-
-    args, kwargs = as_call(example)
-    return model(*args, **kwargs)
-
-
-def run_examples(model: nn.Module, example_inputs: Iterable[Any], who: str) -> int:
-    """Call `model` on every example input (see call_with); how many there were. None is an error naming `who`."""
-    count = 0
-    for example in example_inputs:
-        call_with(model, example)
-        count += 1
-    if count == 0:
-        raise ValueError(f"{who} needs at least one example input (a dict of keyword arguments, a tuple of "
-                         f"positional ones, or a tensor)")
-    return count
 
 
 @torch.no_grad()

@@ -10,6 +10,8 @@ import platform
 import sys
 from pathlib import Path
 
+from .tables import format_table
+
 DESCRIPTION = """\
 quantrt: quantized inference for PyTorch transformers. Linear layers run in quantrt's own Triton
 weight-only kernels where they can, else torchao, optimum-quanto, or a pure-torch reference.
@@ -42,7 +44,6 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     from .backends import ORDER, get_backend
     from .schemes import resolve_scheme
-    from .transformer import format_table
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     print(f"python {platform.python_version()} ({platform.machine()})")

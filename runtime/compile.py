@@ -27,7 +27,11 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .cache import CacheEntry, CacheWarning, Timeout, device_name
+from .cache import CacheEntry, CacheWarning, Timeout
+from .devices import device_name
+from .examples import as_call
+from .tables import format_table
+from .version import __version__
 
 
 class RecompileError(RuntimeError):
@@ -232,7 +236,6 @@ def fingerprint_fields(model: nn.Module, options: CompileOptions) -> dict[str, A
 
     import triton
 
-    from . import __version__
 
     first = next(iter(list(model.parameters()) + list(model.buffers())), None)
     device = first.device if first is not None else torch.device("cpu")
@@ -307,7 +310,6 @@ class WarmupReport(list):
     entry: CacheEntry | None = None
 
     def __str__(self) -> str:
-        from .transformer import format_table
 
         rows = [[r.shape, r.status, f"{r.seconds:.2f}",
                  "-" if r.cold_seconds is None else f"{r.cold_seconds:.2f}", r.cache_hits, r.cache_misses,
@@ -560,18 +562,5 @@ def _on_cuda(model: torch.nn.Module) -> bool:
     return tensor is not None and tensor.device.type == "cuda"
 
 
-def as_call(example: Any) -> tuple[tuple, dict]:
-    """An example input as (args, kwargs): a dict is keyword arguments, a tuple or list positional ones, a
-    tensor the only argument."""
-    if isinstance(example, dict):
-        return (), dict(example)
-    if isinstance(example, (tuple, list)):
-        return tuple(example), {}
-    if isinstance(example, torch.Tensor):
-        return (example,), {}
-    raise TypeError(f"an example input must be a dict of keyword arguments, a tuple of positional arguments or a "
-                    f"tensor, not {type(example).__name__}")
-
-
-__all__ = ["CompileOptions", "CompiledForward", "RecompileError", "ShapeReport", "WarmupReport", "as_call",
+__all__ = ["CompileOptions", "CompiledForward", "RecompileError", "ShapeReport", "WarmupReport",
            "bucket", "repeated_blocks", "signature"]

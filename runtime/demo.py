@@ -15,7 +15,8 @@ import torch
 from .config import QuantConfig
 from .metrics import relative_error
 from .models import build_flux, flux_inputs
-from .transformer import QuantizedTransformer, format_table, model_bytes
+from .tables import format_table
+from .transformer import QuantizedTransformer, model_bytes
 
 DEFAULT_SCHEMES = ("int8wo", "int4wo", "uint4wo", "float8wo_e4m3", "fp6_e3m2", "int8dq")
 

@@ -44,6 +44,7 @@ import torch
 import torch.nn as nn
 
 from .cache import sha256_file
+from .version import __version__
 
 if TYPE_CHECKING:
     from .config import QuantConfig
@@ -694,7 +695,6 @@ def check_source_folder(path: str | os.PathLike) -> Path:
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """quantrt_config.json of a quantrt folder, checked (`_check_structure`). A quant_config holding regex
     overrides (written by quantrt before it recorded them by layer name) loads without them, with a warning."""
-    from . import __version__
 
     file = inside(check_source_folder(path), CONFIG_NAME)
     if not file.is_file():

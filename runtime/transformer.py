@@ -14,16 +14,8 @@ from .backends import resident_bytes, select_backend
 from .config import QuantConfig
 from .modules import LayerReport, QuantizedLinear, quantize_
 from .schemes import resolve_scheme
-
-
-def format_table(headers: list[str], rows: list[list[Any]]) -> str:
-    """A markdown table: readable in a terminal, a CI log and a results file alike."""
-    cells = [[str(c) for c in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |",
-             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in cells]
-    return "\n".join(lines)
+from .tables import format_table
+from .version import __version__
 
 
 SHARED_REASON_ROWS = 3  # a reason on this many rows or more is printed once, as a note
@@ -241,7 +233,6 @@ class QuantizedTransformer(nn.Module):
         files (a README, .git/) are kept; any other folder is never written (FileExistsError). Per-module
         overrides are stored by layer name: a "re:" pattern is resolved here against this model's layers,
         since a loader never evaluates a regex read from a file."""
-        from . import __version__
         from .serialization import dtype_name, model_identity, save_folder
 
         layers = {}
