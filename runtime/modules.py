@@ -190,6 +190,19 @@ def _release_before_load(layer: QuantizedLinear, state_dict: dict, prefix: str, 
         layer.backend.release(layer)
 
 
+def install_skeleton(model: nn.Module, name: str, scheme: Scheme, dtype: torch.dtype | None = None,
+                     bias: bool | None = None) -> QuantizedLinear:
+    """Swap the nn.Linear `name` of `model` for an empty QuantizedLinear of the same shape on the meta device
+    (`dtype`: its group parameters' and bias's dtype, the Linear's by default; `bias`: whether it has one, as
+    the Linear by default), for a loader to fill. Returns the new layer."""
+    linear = model.get_submodule(name)
+    layer = QuantizedLinear(linear.in_features, linear.out_features, scheme,
+                            linear.bias is not None if bias is None else bias,
+                            dtype=dtype or linear.weight.dtype, device="meta", name=name)
+    model.set_submodule(name, layer)
+    return layer
+
+
 @dataclass
 class LayerReport:
     """One Linear layer of a quantized model: what happened to it and why."""
@@ -245,7 +258,6 @@ def quantize_(model: nn.Module, config: str | QuantConfig, *, progress: bool | N
         layer = QuantizedLinear.from_linear(linear, plan.scheme, backend, name)
         layer.backend_reason = how
         init_act_scale(layer, config.activation_scale)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        model.set_submodule(name, layer)
         reports.append(LayerReport(name, *shape, plan.scheme.name, backend.name, how, layer.storage_bytes(), fp_bytes))
     return reports

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from .backends import resident_bytes, select_backend
 from .config import QuantConfig
-from .modules import LayerReport, QuantizedLinear, quantize_
+from .modules import LayerReport, QuantizedLinear, install_skeleton, quantize_
 from .schemes import resolve_scheme
 from .tables import format_table
 from .version import __version__
@@ -309,10 +309,7 @@ class QuantizedTransformer(nn.Module):
                                       f"{record['out_features']}x{record['in_features']} Linear")
             scheme = resolve_scheme(record["scheme"], record["group_size"] if record["group_size"] else -1)
             dtype = torch_dtype or parse_dtype(record["dtype"])
-            layer = QuantizedLinear(record["in_features"], record["out_features"], scheme, record["bias"],
-                                    dtype=dtype, device="meta", name=name)
-            parent, _, child = name.rpartition(".")
-            setattr(skeleton.get_submodule(parent) if parent else skeleton, child, layer)
+            install_skeleton(skeleton, name, scheme, dtype, record["bias"])
 
         def cast(name: str, tensor: torch.Tensor) -> torch.Tensor:
             # act_scale stays float32; codes are integers; everything else follows torch_dtype
