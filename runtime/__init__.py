@@ -1,13 +1,14 @@
 """quantrt: a compile-first quantized inference runtime for PyTorch transformers."""
 
-from .autoquant import AutoquantPlan, autoquant
+from .autoquant import AutoquantPlan
 from .calibrate import calibrate
 from .compile import RecompileError
 from .config import QuantConfig
-from .interop import quantize_pipeline, to_quant_config
+from .interop import to_quant_config
 from .modules import LayerReport, QuantizedLinear, quantize_
+from .pipelines import quantize_pipeline
 from .schemes import Scheme, resolve_scheme
-from .transformer import QuantizedTransformer
+from .transformer import QuantizedTransformer, autoquant
 from .version import __version__
 
 __all__ = ["AutoquantPlan", "QuantConfig", "QuantizedLinear", "QuantizedTransformer", "LayerReport", "RecompileError", "Scheme", "calibrate",

@@ -51,26 +51,25 @@ import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version as package_version
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .backends import ORDER, _reason, requested_backend
-from .calibrate import calibrate
 from .devices import device_name
 from .examples import run_examples
 from .config import QuantConfig
+from .interop import to_quant_config
 from .kernels.quantize import FP8_DTYPES
 from .metrics import relative_error
 from .modules import LayerReport, QuantizedLinear, init_act_scale
 from .schemes import Scheme, resolve_scheme
+from .serialization import CONFIG_NAME, CheckpointError
 from .tables import format_table
 from .version import __version__
 
-if TYPE_CHECKING:
-    from .transformer import QuantizedTransformer
 
 PLAN_FORMAT = 1
 ERROR_METRIC = "relative_l2"
@@ -618,43 +617,32 @@ def _reuse_problem(plan: AutoquantPlan, model: nn.Module, config: QuantConfig) -
     return None
 
 
-def autoquant(model: nn.Module, example_inputs: Iterable[Any], *,
-              candidates: Sequence[str | Scheme | QuantConfig | None] | None = None, max_error: float | None = None,
-              objective: str | None = None, config: QuantConfig | None = None, plan: AutoquantPlan | None = None,
-              timer: Timer | None = None, repeats: int = 5, max_rows: int = 256,
-              progress: bool | None = None) -> QuantizedTransformer:
-    """Choose each Linear layer's scheme and backend by measuring them on `example_inputs` (module
-    docstring), quantize `model` in place accordingly, and wrap it. Options: `candidates`, `max_error`,
-    `objective`, or a QuantConfig("autoquant", ...) as `config` (whose modules_to_not_convert, modules and
-    backend apply too). `plan`: a plan from an earlier run on this model (qt.autoquant_plan, the compile
-    cache), used without measuring while it is valid here. `timer(fn, TimingKey) -> ms` replaces the
-    default timer; `max_rows` caps the captured rows per layer. `qt.autoquant_plan` holds the plan."""
-    from .transformer import QuantizedTransformer
-
+def choose_config(model: nn.Module, examples: list[Any], *,
+                  candidates: Sequence[str | Scheme | QuantConfig | None] | None = None, max_error: float | None = None,
+                  objective: str | None = None, config: QuantConfig | None = None, plan: AutoquantPlan | None = None,
+                  timer: Timer | None = None, repeats: int = 5, max_rows: int = 256,
+                  progress: bool | None = None) -> QuantConfig:
+    """The QuantConfig that `quantrt.autoquant` quantizes `model` with: each layer's scheme and backend chosen by
+    measuring them on `examples` (module docstring), or taken from `plan` (or the plan `config` carries) while
+    it is valid here. Options as in `quantrt.autoquant`."""
     if config is None:
         config = QuantConfig("autoquant", candidates=candidates, max_error=max_error, objective=objective)
     else:
-        config = QuantConfig.coerce(config)
+        config = to_quant_config(config)
         if not config.is_autoquant:
             raise ValueError(f"autoquant needs QuantConfig('autoquant', ...), got {config!r}")
         if candidates is not None or max_error is not None or objective is not None:
             raise TypeError("give candidates, max_error and objective either in config or as arguments, not both")
         plan = plan or config.autoquant_plan
         config = apply_plan(config, None)  # the options as given; a plan it carries is `plan` now
-    if isinstance(model, QuantizedTransformer):
-        raise TypeError("this model is already a QuantizedTransformer; autoquant the original model")
-    examples = list(example_inputs) if not isinstance(example_inputs, (dict, torch.Tensor)) else [example_inputs]
     if plan is not None:
         problem = _reuse_problem(plan, model, config)
         if problem:
-            warnings.warn(f"not reusing the autoquant plan: {problem}; measuring again", stacklevel=2)
+            warnings.warn(f"not reusing the autoquant plan: {problem}; measuring again", stacklevel=3)
             plan = None
     if plan is None:
         plan = measure(model, examples, config, timer=timer, repeats=repeats, max_rows=max_rows, progress=progress)
-    qt = QuantizedTransformer.from_model(model, apply_plan(config, plan), progress=progress)
-    if any(layer.scheme.activation == "fp8_static" for layer in qt.quantized_layers().values()):
-        calibrate(qt.model, examples)
-    return qt
+    return apply_plan(config, plan)
 
 
 def explain(reports: list[LayerReport], plan: AutoquantPlan, stale: str | None = None) -> list[LayerReport]:
@@ -675,8 +663,6 @@ def restore_plan(config: QuantConfig, metadata: dict[str, Any], device: torch.de
     try:
         plan = AutoquantPlan.from_dict(metadata["autoquant_plan"])
     except ValueError as e:
-        from .serialization import CONFIG_NAME, CheckpointError
-
         raise CheckpointError(f"{path}: the autoquant_plan in {CONFIG_NAME} is damaged ({e}); delete that key to "
                               f"load the model without its plan") from e
     config.autoquant_plan = plan

@@ -30,6 +30,8 @@ from tqdm.auto import tqdm
 from .cache import CacheEntry, CacheWarning, Timeout
 from .devices import device_name
 from .examples import as_call
+from .kernels.tuning import default_table, m_bucket
+from .modules import QuantizedLinear
 from .tables import format_table
 from .version import __version__
 
@@ -67,7 +69,6 @@ class CompileOptions:
 
 def bucket(n: int) -> int:
     """The padded size of a row dimension: the next power of two up to 4096, then the next multiple of 1024."""
-    from quantrt.kernels.tuning import m_bucket
 
     return max(n, m_bucket(n)) if n > 0 else 0
 
@@ -182,7 +183,6 @@ def repeated_blocks(model: nn.Module) -> list[nn.Module]:
 def structure_hash(model: nn.Module) -> str:
     """A hash of what the compiled graphs depend on: module classes, every parameter and buffer's name, shape
     and dtype, each quantized layer's scheme and backend, and the model's own config. Not the weights."""
-    from .modules import QuantizedLinear
 
     digest = hashlib.sha256()
     for name, module in model.named_modules():
@@ -380,7 +380,6 @@ class CompiledForward:
                                   CacheWarning, stacklevel=3)
         tuning = self.entry.work_dir / "tuning.json"
         if tuning.is_file():
-            from quantrt.kernels.tuning import default_table
 
             picks = json.loads(tuning.read_text())
             if picks:
@@ -431,7 +430,6 @@ class CompiledForward:
 
     def _warm_call(self, key: str, args: tuple, kwargs: dict, report: WarmupReport,
                    new_shapes: dict[str, dict[str, Any]]) -> Any:
-        from quantrt.kernels.tuning import default_table
 
         known = self.warm_signatures.get(key)
         picks = len(default_table().entries())
@@ -488,7 +486,6 @@ class CompiledForward:
         `grad_mode`: the autograd mode serving runs in ("no_grad", as diffusers pipelines and transformers'
         generate do; "inference_mode"; or "grad"): Dynamo compiles a separate graph for each. `allow_new=False`
         checks a warm start: in strict mode, a shape that is not in the entry raises RecompileError."""
-        from quantrt.kernels.tuning import default_table
 
         if grad_mode not in GRAD_MODES:
             raise ValueError(f"grad_mode={grad_mode!r}: choose one of {', '.join(GRAD_MODES)}")
@@ -540,7 +537,6 @@ class CompiledForward:
         return _counters()["graphs"] - before
 
     def _commit(self, shapes: dict[str, dict[str, Any]]) -> None:
-        from quantrt.kernels.tuning import default_table
 
         artifacts = torch.compiler.save_cache_artifacts()
         device = self.entry.fields["device"]

@@ -135,21 +135,6 @@ class QuantConfig:
                     raise ValueError(f"modules override {key!r} is not a valid regex: {e}") from e
         self._regexes = [(re.compile(k[3:]), v) for k, v in self.modules.items() if k.startswith("re:")]
 
-    @classmethod
-    def coerce(cls, config: str | Scheme | QuantConfig | Mapping[str, Any]) -> QuantConfig:
-        """A scheme name, a Scheme, a dict of QuantConfig arguments or a QuantConfig -> QuantConfig; anything
-        else (a torchao config, a diffusers/transformers TorchAoConfig or QuantoConfig, or their to_dict() form
-        with "quant_method") goes through quantrt.to_quant_config."""
-        if isinstance(config, QuantConfig):
-            return config
-        if isinstance(config, (str, Scheme)):
-            return cls(config)
-        if isinstance(config, Mapping) and "quant_method" not in config and "_type" not in config:
-            return cls(**config)
-        from .interop import to_quant_config  # torchao / diffusers / quanto configs; TypeError for the rest
-
-        return to_quant_config(config)
-
     def skipped(self, name: str) -> str | None:
         """The modules_to_not_convert entry that excludes module `name`, if any."""
         child = name.rsplit(".", 1)[-1]

@@ -4,9 +4,8 @@
     to_quant_config(Int4WeightOnlyConfig(group_size=64))          # == QuantConfig("int4wo", group_size=64)
     to_quant_config(TorchAoConfig(Int8WeightOnlyConfig(), modules_to_not_convert=["proj_out"]))
     to_quant_config(QuantoConfig(weights_dtype="int4"))           # == QuantConfig(weights_dtype="int4")
-    quantize_pipeline(pipe, {"transformer": Float8WeightOnlyConfig()})   # pipe.transformer is quantized
-    quantize_pipeline(pipe, PipelineQuantizationConfig(quant_backend="quanto",
-                      quant_kwargs={"weights_dtype": "int8"}, components_to_quantize=["transformer"]))
+    pipeline_quant_mapping(pipe, PipelineQuantizationConfig(quant_backend="quanto",
+                           quant_kwargs={"weights_dtype": "int8"}, components_to_quantize=["transformer"]))
 
 torchao configs are read by class name and field name, so this module never imports torchao or diffusers,
 and the spellings of torchao 0.14 .. 0.18 map whichever torchao is installed (group_size or granularity=
@@ -354,7 +353,8 @@ def to_quant_config(obj: Any, *, backend: str = "auto") -> QuantConfig:
     )
 
 
-def _pipeline_components(pipeline: Any) -> dict[str, Any]:
+def pipeline_components(pipeline: Any) -> dict[str, Any]:
+    """A diffusers pipeline's components by name (`pipeline.components`), else its nn.Module attributes."""
     components = getattr(pipeline, "components", None)
     if isinstance(components, Mapping):
         return dict(components)
@@ -381,32 +381,5 @@ def pipeline_quant_mapping(pipeline: Any, config: Any, *, backend: str = "auto")
     if isinstance(names, str):
         names = [names]
     if not names:
-        names = [name for name, value in _pipeline_components(pipeline).items() if isinstance(value, nn.Module)]
+        names = [name for name, value in pipeline_components(pipeline).items() if isinstance(value, nn.Module)]
     return {name: component_config for name in names}
-
-
-def quantize_pipeline(pipeline: Any, quant_mapping: Any, *, backend: str = "auto",
-                      progress: bool | None = None) -> Any:
-    """Quantize the components of a diffusers pipeline in place: each component named in `quant_mapping`
-    ({"transformer": "int8wo", "text_encoder_2": Int8WeightOnlyConfig(), ...}, or a diffusers
-    PipelineQuantizationConfig) is replaced by a QuantizedTransformer wrapping it (`pipeline.transformer =
-    qt`, which diffusers registers in the pipeline's config). Returns the pipeline."""
-    from .transformer import QuantizedTransformer
-
-    mapping = pipeline_quant_mapping(pipeline, quant_mapping, backend=backend)
-    components = _pipeline_components(pipeline)
-    for name in mapping:
-        component = getattr(pipeline, name, None)
-        if component is None:
-            available = ", ".join(k for k, v in components.items() if isinstance(v, nn.Module)) or "none"
-            raise ValueError(f"{type(pipeline).__name__} has no component {name!r} to quantize; its model "
-                             f"components: {available}")
-        if isinstance(component, QuantizedTransformer):
-            raise ValueError(f"{type(pipeline).__name__}.{name} is already quantized by quantrt")
-        if not isinstance(component, nn.Module):
-            raise TypeError(f"{type(pipeline).__name__}.{name} is a {type(component).__name__}, not a model: "
-                            f"only nn.Module components can be quantized")
-    for name, config in mapping.items():
-        quantized = QuantizedTransformer.from_model(getattr(pipeline, name), config, progress=progress)
-        setattr(pipeline, name, quantized)
-    return pipeline

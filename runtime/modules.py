@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from .backends import Backend, get_backend, select_backend
 from .config import QuantConfig
+from .interop import to_quant_config
 from .schemes import Scheme
 
 _QUANTIZE_CHUNK = 2**20  # weights quantized at a time by QuantizedLinear.set_weight
@@ -229,7 +230,7 @@ def quantize_(model: nn.Module, config: str | QuantConfig, *, progress: bool | N
     """Replace every nn.Linear of `model` in place by a QuantizedLinear as `config` says (torchao-style).
     Returns one LayerReport per Linear layer, quantized or kept. `progress`: None shows a progress bar on
     a terminal, True always, False never."""
-    config = QuantConfig.coerce(config)
+    config = to_quant_config(config)
     linears = [(name, module) for name, module in model.named_modules() if type(module) is nn.Linear]
     if isinstance(model, nn.Linear):
         raise TypeError("quantize_ swaps the Linear layers inside a model; wrap a lone nn.Linear in a module "

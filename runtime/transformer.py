@@ -5,15 +5,21 @@ from __future__ import annotations
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn as nn
 
+from .autoquant import AutoquantPlan, Timer, choose_config, explain, restore_plan
 from .backends import resident_bytes, select_backend
+from .calibrate import calibrate
+from .compile import CompiledForward, CompileOptions, bucket
 from .config import QuantConfig
+from .interop import to_quant_config
 from .modules import LayerReport, QuantizedLinear, install_skeleton, quantize_
-from .schemes import resolve_scheme
+from .schemes import Scheme, resolve_scheme
+from .serialization import (CONFIG_NAME, CheckpointError, build_skeleton, check_source_folder, dtype_name,
+                            load_tensors, model_identity, parse_dtype, read_metadata, save_folder)
 from .tables import format_table
 from .version import __version__
 
@@ -58,13 +64,11 @@ class QuantizedTransformer(nn.Module):
         measures the candidates on `example_inputs` first (quantrt.autoquant)."""
         if isinstance(model, QuantizedTransformer):
             raise TypeError("this model is already a QuantizedTransformer; quantize the original model")
-        config = QuantConfig.coerce(config)
+        config = to_quant_config(config)
         if config.is_autoquant and config.autoquant_plan is None:
             if example_inputs is None:
                 raise ValueError("QuantConfig('autoquant') measures each layer on real activations: pass "
                                  "example_inputs=[...] (dicts of keyword arguments or tuples of positional ones)")
-            from .autoquant import autoquant
-
             return autoquant(model, example_inputs, config=config, progress=progress)
         if example_inputs is not None and not config.is_autoquant:
             raise ValueError(f"example_inputs are for QuantConfig('autoquant'); {config!r} does not use them")
@@ -72,8 +76,6 @@ class QuantizedTransformer(nn.Module):
         if not reports:
             raise ValueError(f"{type(model).__name__} has no nn.Linear layers: there is nothing to quantize")
         if config.autoquant_plan is not None:
-            from .autoquant import explain
-
             explain(reports, config.autoquant_plan)
         return cls(model, config, reports)
 
@@ -90,8 +92,6 @@ class QuantizedTransformer(nn.Module):
         CompileOptions). `strict`: once warmed, a shape that was not warmed raises RecompileError instead of
         compiling. `cache`: graphs and kernels are loaded from and saved to the entry of this model's
         fingerprint under `cache_dir` (default QUANTRT_CACHE_DIR, else ~/.cache/quantrt). Returns self."""
-        from .compile import CompiledForward, CompileOptions
-
         options_ = CompileOptions(mode=None if options else mode, fullgraph=fullgraph, regional=regional,
                                   shapes=shapes, strict=strict, options=options)
         plan = self.autoquant_plan
@@ -145,7 +145,6 @@ class QuantizedTransformer(nn.Module):
         generation in a bucket runs one decode graph. One cache per (batch, length) is kept and reset."""
         from transformers import StaticCache  # generation needs transformers; quantrt does not
 
-        from .compile import bucket
 
         if input_ids is None:
             raise ValueError("compiled generate() needs input_ids (the prompt), as the first argument or input_ids=")
@@ -233,8 +232,6 @@ class QuantizedTransformer(nn.Module):
         files (a README, .git/) are kept; any other folder is never written (FileExistsError). Per-module
         overrides are stored by layer name: a "re:" pattern is resolved here against this model's layers,
         since a loader never evaluates a regex read from a file."""
-        from .serialization import dtype_name, model_identity, save_folder
-
         layers = {}
         for name, layer in self.quantized_layers().items():
             layers[name] = {"scheme": layer.scheme.name, "group_size": layer.scheme.group_size,
@@ -266,8 +263,6 @@ class QuantizedTransformer(nn.Module):
         quantization_config, or torchao's safetensors metadata) loads through quantrt.checkpoints: each
         weight becomes the quantrt scheme that stores the same numbers, or the layer is refused with why."""
         from .checkpoints import foreign_format, load_foreign
-        from .serialization import (CONFIG_NAME, CheckpointError, build_skeleton, check_source_folder, load_tensors,
-                                    parse_dtype, read_metadata)
 
         device = usable_device(device)
         check_source_folder(path)
@@ -285,7 +280,7 @@ class QuantizedTransformer(nn.Module):
         if quantization is not None:
             from .serialization import quantize_folder
 
-            config = QuantConfig.coerce(quantization)
+            config = to_quant_config(quantization)
             if backend is not None:
                 config.backend = backend
             skeleton, kept = quantize_folder(path, config, device, torch_dtype, model, progress)
@@ -294,7 +289,6 @@ class QuantizedTransformer(nn.Module):
         config = QuantConfig.from_dict(metadata["quant_config"])
         if backend is not None:
             config.backend = backend
-        from .autoquant import explain, restore_plan
 
         stale = restore_plan(config, metadata, device, backend, path)
         skeleton = build_skeleton(metadata["model"], model, source=str(Path(path) / CONFIG_NAME))
@@ -338,7 +332,7 @@ class QuantizedTransformer(nn.Module):
         from .checkpoints import quantize_single_file
 
         device = usable_device(device)
-        quant_config = QuantConfig.coerce(quantization)
+        quant_config = to_quant_config(quantization)
         if backend is not None:
             quant_config.backend = backend
         skeleton, kept = quantize_single_file(file, quant_config, config, device, torch_dtype, progress)
@@ -386,8 +380,6 @@ def check_stored_scales(model: nn.Module, source: str) -> None:
     """Every quantized layer's stored scales and zero points are finite, or a CheckpointError names the
     layer: a NaN or Inf there makes every output NaN (or fails deep inside a backend), and quanto and torchao
     folders carry no checksums (a quantrt folder's can be recomputed by whoever edits it)."""
-    from .serialization import CheckpointError, dtype_name
-
     for name, module in model.named_modules():
         if not isinstance(module, QuantizedLinear):
             continue
@@ -435,3 +427,26 @@ def model_bytes(model: nn.Module, as_dtype: torch.dtype | None = None) -> int:
         size = torch.empty((), dtype=as_dtype).element_size() if as_dtype and t.is_floating_point() else t.element_size()
         total += t.numel() * size
     return total
+
+
+def autoquant(model: nn.Module, example_inputs: Iterable[Any], *,
+              candidates: Sequence[str | Scheme | QuantConfig | None] | None = None, max_error: float | None = None,
+              objective: str | None = None, config: QuantConfig | None = None, plan: AutoquantPlan | None = None,
+              timer: Timer | None = None, repeats: int = 5, max_rows: int = 256,
+              progress: bool | None = None) -> QuantizedTransformer:
+    """Choose each Linear layer's scheme and backend by measuring them on `example_inputs` (quantrt.autoquant's
+    module docstring), quantize `model` in place accordingly, and wrap it. Options: `candidates`, `max_error`,
+    `objective`, or a QuantConfig("autoquant", ...) as `config` (whose modules_to_not_convert, modules and
+    backend apply too). `plan`: a plan from an earlier run on this model (qt.autoquant_plan, the compile
+    cache), used without measuring while it is valid here. `timer(fn, TimingKey) -> ms` replaces the
+    default timer; `max_rows` caps the captured rows per layer. `qt.autoquant_plan` holds the plan."""
+    if isinstance(model, QuantizedTransformer):
+        raise TypeError("this model is already a QuantizedTransformer; autoquant the original model")
+    examples = list(example_inputs) if not isinstance(example_inputs, (dict, torch.Tensor)) else [example_inputs]
+    config = choose_config(model, examples, candidates=candidates, max_error=max_error, objective=objective,
+                           config=config, plan=plan, timer=timer, repeats=repeats, max_rows=max_rows,
+                           progress=progress)
+    qt = QuantizedTransformer.from_model(model, config, progress=progress)
+    if any(layer.scheme.activation == "fp8_static" for layer in qt.quantized_layers().values()):
+        calibrate(qt.model, examples)
+    return qt

@@ -1,5 +1,5 @@
 """Bring-your-own configs: torchao config objects (and their serialized form), diffusers TorchAoConfig /
-QuantoConfig / PipelineQuantizationConfig map onto the same Scheme as the shorthand; quantize_pipeline."""
+QuantoConfig / PipelineQuantizationConfig map onto the same Scheme as the shorthand."""
 
 import copy
 from types import SimpleNamespace
@@ -7,14 +7,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-ao = pytest.importorskip("torchao.quantization")
-diffusers = pytest.importorskip("diffusers")
+import diffusers
+import torchao.quantization as ao
+from torchao.core.config import config_to_dict
 
-import quantrt  # noqa: E402
-from quantrt import QuantConfig, to_quant_config  # noqa: E402
-from torchao.core.config import config_to_dict  # noqa: E402
+import quantrt
+from quantrt import QuantConfig, to_quant_config
 
-from .backend_cases import flux_inputs, linear_model, tiny_flux  # noqa: E402
+from .backend_cases import linear_model
 
 # the deprecation notices of diffusers' QuantoConfig and torchao's "_default" key are theirs, not ours
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore:Config Deprecation:UserWarning")
@@ -47,7 +47,6 @@ def test_torchao_config_maps_to_the_shorthands_scheme(make, expected):
     assert to_quant_config(config).scheme == expected.scheme
     # the serialized form (config_to_dict, what diffusers saves) maps the same way
     assert to_quant_config(config_to_dict(config)).scheme == expected.scheme
-    assert QuantConfig.coerce(config).scheme == expected.scheme
 
 
 @pytest.mark.parametrize("serialized, expected", [
@@ -166,69 +165,18 @@ def test_from_model_takes_a_torchao_config():
     torch.testing.assert_close(by_torchao(x), by_name(x))
 
 
-class TinyPipeline(diffusers.DiffusionPipeline):
-    def __init__(self, transformer, projection):
-        super().__init__()
-        self.register_modules(transformer=transformer, projection=projection)
-
-
-def tiny_pipeline():
-    return TinyPipeline(tiny_flux(), torch.nn.Sequential(torch.nn.Linear(64, 32)))
-
-
-@pytest.mark.parametrize("mapping", [
-    lambda: {"transformer": diffusers.TorchAoConfig(ao.Int8WeightOnlyConfig(), modules_to_not_convert=["proj_out"])},
-    lambda: diffusers.PipelineQuantizationConfig(quant_mapping={
-        "transformer": diffusers.TorchAoConfig(ao.Int8WeightOnlyConfig(), modules_to_not_convert=["proj_out"])}),
-    # quant_backend + quant_kwargs + components_to_quantize (diffusers refuses to build this form without
-    # transformers installed, so the test passes an object of the same shape)
-    lambda: SimpleNamespace(quant_backend="torchao", quant_mapping=None, components_to_quantize=["transformer"],
-                            quant_kwargs={"quant_type": ao.Int8WeightOnlyConfig(),
-                                          "modules_to_not_convert": ["proj_out"]}),
-], ids=["dict", "PipelineQuantizationConfig", "quant_backend"])
-def test_quantize_pipeline_replaces_components_in_place(mapping):
-    pipeline = tiny_pipeline()
-    expected = quantrt.QuantizedTransformer.from_model(
-        copy.deepcopy(pipeline.transformer), QuantConfig("int8wo", modules_to_not_convert=["proj_out"]), progress=False)
-    returned = quantrt.quantize_pipeline(pipeline, mapping(), progress=False)
-    assert returned is pipeline
-    assert isinstance(pipeline.transformer, quantrt.QuantizedTransformer)
-    assert pipeline.components["transformer"] is pipeline.transformer
-    assert tuple(pipeline.config.transformer) == ("quantrt.transformer", "QuantizedTransformer")
-    assert type(pipeline.projection) is torch.nn.Sequential  # not named: left alone
-    assert [(r.name, r.scheme) for r in pipeline.transformer.summary()] == [
-        (r.name, r.scheme) for r in expected.summary()]
-    inputs = flux_inputs()
-    with torch.no_grad():
-        torch.testing.assert_close(pipeline.transformer(**inputs)[0], expected(**inputs)[0])
-
-
-def test_quantize_pipeline_without_components_to_quantize_takes_every_model():
-    pipeline = tiny_pipeline()
-    everything = SimpleNamespace(quant_backend="quanto", quant_mapping=None, components_to_quantize=None,
-                                 quant_kwargs={"weights_dtype": "int8"})
-    quantrt.quantize_pipeline(pipeline, everything, progress=False)
-    assert isinstance(pipeline.transformer, quantrt.QuantizedTransformer)
-    assert isinstance(pipeline.projection, quantrt.QuantizedTransformer)
-    assert pipeline.projection.summary()[0].scheme == "int8wo"
-
-
-def test_quantize_pipeline_names_the_missing_component():
-    pipeline = tiny_pipeline()
-    with pytest.raises(ValueError, match="no component 'text_encoder'.*transformer, projection"):
-        quantrt.quantize_pipeline(pipeline, {"transformer": "int8wo", "text_encoder": "int8wo"})
-    assert not isinstance(pipeline.transformer, quantrt.QuantizedTransformer)  # checked before changing anything
-
-
 @pytest.mark.parametrize("config, scheme", [
     ({"quant_method": "quanto", "weights_dtype": "int8"}, "int8wo"),
     ({"quant_method": "quanto", "weights_dtype": "float8"}, "float8wo_e4m3"),
     ({"scheme": "int4wo", "group_size": 64}, "int4wo"),
 ], ids=["quanto-dict-int8", "quanto-dict-float8", "quantconfig-arguments"])
-def test_coerce_routes_library_config_dicts(config, scheme):
-    from quantrt import QuantConfig
+def test_to_quant_config_routes_config_dicts(config, scheme):
+    assert to_quant_config(config).scheme.name == scheme
 
-    assert QuantConfig.coerce(config).scheme.name == scheme
+
+def test_to_quant_config_refuses_what_is_no_config():
+    with pytest.raises(TypeError, match="cannot use int as a quantization config"):
+        to_quant_config(8)
 
 
 def serialized(type_name: str, **fields) -> dict:
