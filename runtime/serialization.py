@@ -38,16 +38,16 @@ import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 
 from .cache import sha256_file
+from .checkpoints.reader import SAFETENSORS_DTYPES, CheckpointError, OutsideFolderError, refuse_duplicate_keys
+from .config import QuantConfig
+from .schemes import resolve_scheme
 from .version import __version__
-
-if TYPE_CHECKING:
-    from .config import QuantConfig
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "quantrt_config.json"
@@ -56,24 +56,6 @@ INDEX_NAME = "model.safetensors.index.json"
 _DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.uint8, torch.int16,
     torch.int32, torch.int64, torch.bool, torch.float8_e4m3fn, torch.float8_e5m2)}
-# safetensors' dtype names (as its headers write them) -> torch's; more than quantrt stores (_DTYPES), for the
-# checkpoints of other tools
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "F8_E4M3FNUZ": torch.float8_e4m3fnuz, "F8_E5M2FNUZ": torch.float8_e5m2fnuz, "U16": torch.uint16,
-    "U32": torch.uint32, "U64": torch.uint64}
-
-
-class CheckpointError(ValueError):
-    """A saved folder is missing, malformed, or does not match what its JSON says."""
-
-
-class OutsideFolderError(CheckpointError):
-    """A path in a folder (a name in one of its JSON files, or a symlink) leads out of the folder."""
-
-
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -136,21 +118,6 @@ def _hub_blob(root: Path, target: Path) -> bool:
             and target.parent == snapshots.parent / "blobs")
 
 
-def refuse_duplicate_keys(file: str | os.PathLike) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
-    """An object_pairs_hook for json.loads that refuses an object naming a key twice, naming `file`."""
-
-    def pairs_to_dict(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        result: dict[str, Any] = {}
-        for key, value in pairs:
-            if key in result:
-                raise CheckpointError(f"{file} names {key!r} twice in one object, and JSON readers disagree on "
-                                      f"which one counts; the file is damaged or was edited: keep one")
-            result[key] = value
-        return result
-
-    return pairs_to_dict
-
-
 def read_json(file: Path, what: str = "") -> Any:
     """The JSON in `file` (a path `inside` returned; `what` it should be, for errors). A key given twice in one
     object is an error: json.loads would silently keep the last one, another reader the first (a second copy
@@ -171,10 +138,10 @@ def read_index(file: Path) -> dict[str, str]:
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     problem = None
     if not isinstance(index, dict):
-        problem = f"the file holds a JSON {_json_kind(index)}, not an object"
+        problem = f"the file holds a JSON {json_kind(index)}, not an object"
     elif not isinstance(weight_map, dict):
         problem = ("there is no 'weight_map'" if weight_map is None
-                   else f"its 'weight_map' is a JSON {_json_kind(weight_map)}")
+                   else f"its 'weight_map' is a JSON {json_kind(weight_map)}")
     else:
         bad = next(((k, v) for k, v in weight_map.items() if not isinstance(v, str)), None)
         if bad is not None:
@@ -574,7 +541,8 @@ def _expect(condition: bool, file: Path, what: str) -> None:
                               f"by quantrt")
 
 
-def _json_kind(value: Any) -> str:
+def json_kind(value: Any) -> str:
+    """What JSON calls the type of `value` ("object", "list", ...), for errors about a file's contents."""
     return {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number",
             type(None): "null"}.get(type(value), type(value).__name__)
 
@@ -583,9 +551,6 @@ def _check_structure(file: Path, metadata: Any) -> list[str]:
     """Every field that loading reads is present with the right type, so that a damaged or hand-edited
     quantrt_config.json fails here with its name, not with a KeyError deep inside loading. Replaces the
     quant_config by its checked form without regex overrides (`stored_quant_config`) and returns those."""
-    from .config import QuantConfig
-    from .schemes import resolve_scheme
-
     _expect(isinstance(metadata, dict), file, "it holds no JSON object")
     for key in ("quant_config", "model", "layers", "tensors"):
         _expect(isinstance(metadata.get(key), dict), file, f"{key!r} is missing or not an object")
@@ -633,7 +598,7 @@ def _check_identity(file: Path, identity: dict[str, Any]) -> None:
     _expect(isinstance(identity.get("class"), str), file, f"model.class is {identity.get('class')!r}, not a class name")
     config = identity.get("config")
     if not isinstance(config, dict):
-        raise CheckpointError(f"{file}: model.config is a JSON {_json_kind(config)} ({config!r:.80}), not an object: "
+        raise CheckpointError(f"{file}: model.config is a JSON {json_kind(config)} ({config!r:.80}), not an object: "
                               f"quantrt builds the model only from the config stored in this file, never from a "
                               f"path or a model-hub name it would read or download; the file is damaged or was "
                               f"edited: save the model again")
@@ -651,10 +616,10 @@ def stored_quant_config(file: Path, data: Any, field: str = "quant_config") -> t
                                f"again")
 
     if not isinstance(data, dict):
-        raise refuse(field, f"is a JSON {_json_kind(data)}, not an object")
+        raise refuse(field, f"is a JSON {json_kind(data)}, not an object")
     modules = data.get("modules") or {}
     if not isinstance(modules, dict):
-        raise refuse(f"{field}.modules", f"is a JSON {_json_kind(modules)}: it must be an object mapping layer "
+        raise refuse(f"{field}.modules", f"is a JSON {json_kind(modules)}: it must be an object mapping layer "
                                          f"names to null (full precision) or a config object such as "
                                          f"{{\"scheme\": \"int4wo\"}}")
     checked, patterns = {}, []
@@ -664,7 +629,7 @@ def stored_quant_config(file: Path, data: Any, field: str = "quant_config") -> t
             continue
         if value is not None:
             if not isinstance(value, dict):
-                raise refuse(f"{field}.modules[{key!r}]", f"is {value!r:.60}, a JSON {_json_kind(value)}: it must be "
+                raise refuse(f"{field}.modules[{key!r}]", f"is {value!r:.60}, a JSON {json_kind(value)}: it must be "
                                                            f"null (the layer stays in full precision) or a config "
                                                            f"object such as {{\"scheme\": \"int4wo\"}}")
             value, inner = stored_quant_config(file, value, f"{field}.modules[{key!r}]")
@@ -765,7 +730,7 @@ def build_skeleton(identity: dict[str, Any], model: nn.Module | Callable[[], nn.
                               f"skeleton, e.g. from_pretrained(path, model=lambda: MyModel(...))")
     if not isinstance(name, str) or not isinstance(identity.get("config"), dict):
         raise CheckpointError(f"{source} gives the model's class as {name!r} and its config as a "
-                              f"{_json_kind(identity.get('config'))}: quantrt builds a model only from a class name and "
+                              f"{json_kind(identity.get('config'))}: quantrt builds a model only from a class name and "
                               f"a config object stored in the folder, never from a path or a model-hub name")
     lib = __import__(library)
     cls = getattr(lib, name, None)
@@ -874,27 +839,6 @@ def load_tensors(model: nn.Module, path: str | os.PathLike, metadata: dict[str, 
                               f"{unfilled[:3]}: it was saved from a different model or is incomplete")
 
 
-def unquantized_weights(folder: Path, required: bool = True) -> tuple[dict[str, Path], dict[str, str] | None]:
-    """The safetensors files of a diffusers or transformers model folder, {file name: real path} in index
-    order, and the index's weight_map (None for a single file). Every file is `inside` the folder. A folder
-    with none of those files is an error, or ({}, None) if not `required`."""
-    for stem in ("diffusion_pytorch_model", "model"):
-        index = inside(folder, f"{stem}.safetensors.index.json")
-        if index.is_file():
-            weight_map = read_index(index)
-            first_tensor = {file: tensor for tensor, file in reversed(weight_map.items())}  # for errors
-            files = {file: indexed_shard(folder, index, first_tensor[file], file)
-                     for file in dict.fromkeys(weight_map.values())}
-            return files, weight_map
-        single = inside(folder, f"{stem}.safetensors")
-        if single.is_file():
-            return {f"{stem}.safetensors": single}, None
-    if not required:
-        return {}, None
-    raise CheckpointError(f"{folder} has no safetensors weights (diffusion_pytorch_model.safetensors or "
-                          f"model.safetensors, or their index); quantrt never loads .bin/.pt pickles")
-
-
 def _open_safetensors(file: Path, name: str | None = None):
     """safe_open(file) on CPU; a damaged header or a file cut short is a CheckpointError naming the file
     (`name`: how the folder calls it, where `file` is its real path)."""
@@ -904,146 +848,3 @@ def _open_safetensors(file: Path, name: str | None = None):
         return safe_open(file, framework="pt", device="cpu")
     except SafetensorError as e:
         raise CheckpointError(f"{name or file} is damaged or truncated and cannot be read: {e}") from e
-
-
-def unquantized_identity(folder: Path) -> dict[str, Any]:
-    """library/class/config of a diffusers or transformers model folder, from its config.json."""
-    file = inside(folder, "config.json")
-    if not file.is_file():
-        raise CheckpointError(f"{folder} has neither {CONFIG_NAME} (a quantrt folder) nor config.json "
-                              f"(a diffusers/transformers model folder)")
-    config = read_json(file)
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{file} holds a JSON {_json_kind(config)}, not the model's config object")
-    if "_class_name" in config:
-        name = config["_class_name"]
-        library = "diffusers"
-    elif config.get("architectures"):
-        architectures = config["architectures"]
-        name = architectures[0] if isinstance(architectures, list) else architectures
-        library = "transformers"
-    else:
-        raise CheckpointError(f"{file} names no model class (_class_name or architectures)")
-    if not isinstance(name, str):
-        field = "_class_name" if library == "diffusers" else "architectures"
-        raise CheckpointError(f"{file}: {field} is {name!r}, not a class name; the file is damaged")
-    return {"library": library, "class": name, "config": config}
-
-
-def upcast_weight(name: str, tensor: torch.Tensor, source: str, torch_dtype: torch.dtype | None,
-                  linear_weight: bool) -> torch.Tensor:
-    """A stored tensor as quantize-on-load puts it into the model: fp8 (common for FLUX checkpoints) upcast to
-    `torch_dtype`, else bfloat16, since nothing computes in fp8 here; other floating tensors cast to
-    `torch_dtype` if given. A Linear weight that is not floating (int, bool: an already quantized or foreign
-    checkpoint) is refused naming the tensor."""
-    if tensor.is_floating_point() and tensor.element_size() == 1:
-        return tensor.to(torch_dtype or torch.bfloat16)
-    if linear_weight and not tensor.is_floating_point():
-        raise CheckpointError(f"tensor {name!r} in {source} is {dtype_name(tensor.dtype)}, but it is the weight of a "
-                              f"Linear layer, which quantize-on-load needs floating (float32, float16, bfloat16, or "
-                              f"fp8, upcast): the checkpoint is already quantized (load it without quantization=) or "
-                              f"it is not this model's")
-    if torch_dtype is not None and tensor.is_floating_point():
-        return tensor.to(torch_dtype)
-    return tensor
-
-
-def plan_layers(skeleton: nn.Module, config: QuantConfig, torch_dtype: torch.dtype | None
-                ) -> tuple[dict[str, nn.Module], dict[str, str]]:
-    """Swap the Linear layers of a (meta-device) skeleton that `config` quantizes for meta-device
-    QuantizedLinear skeletons, to be filled by set_weight as the weights stream in:
-    ({"<layer>.weight": layer}, {kept layer: why})."""
-    from .modules import QuantizedLinear
-
-    planned, kept = {}, {}
-    for name, linear in list(skeleton.named_modules()):
-        if type(linear) is not nn.Linear:
-            continue
-        plan = config.plan(name)
-        why = plan.reason if plan.scheme is None else plan.scheme.unsupported_reason(linear.out_features,
-                                                                                     linear.in_features)
-        if why:
-            kept[name] = why if plan.scheme is None else f"kept in full precision: {why}"
-            continue
-        layer = QuantizedLinear(linear.in_features, linear.out_features, plan.scheme, linear.bias is not None,
-                                dtype=torch_dtype or linear.weight.dtype, device="meta", name=name)
-        parent, _, child = name.rpartition(".")
-        setattr(skeleton.get_submodule(parent) if parent else skeleton, child, layer)
-        planned[f"{name}.weight"] = layer
-    return planned, kept
-
-
-def quantize_folder(folder: str | os.PathLike, config, device: torch.device, torch_dtype: torch.dtype | None,
-                    model: nn.Module | Callable[[], nn.Module] | None = None,
-                    progress: bool | None = None) -> tuple[nn.Module, dict[str, str]]:
-    """Build the model of an unquantized model folder on the meta device and fill it tensor by tensor,
-    quantizing each planned Linear weight as it arrives, so the full-precision model is never whole in
-    memory. Every tensor is read from the one shard that holds it (and that the index names): a tensor in two
-    shards, or where the index does not say, is an error naming it. Returns (model, {kept layer: why})."""
-    from accelerate.utils import set_module_tensor_to_device
-    from tqdm.auto import tqdm
-
-    from .checkpoints import SafetensorsReader, release_freed_memory
-    from .modules import init_act_scale
-
-    folder = Path(folder)
-    # a caller-given skeleton needs no config.json (plain nn.Module folders have none)
-    skeleton = build_skeleton(unquantized_identity(folder) if model is None else {}, model,
-                              source=str(folder / "config.json"))
-    planned, kept = plan_layers(skeleton, config, torch_dtype)
-    linear_weights = set(planned) | {f"{name}.weight" for name in kept}
-    expected = dict(skeleton.state_dict(keep_vars=True))
-    loaded = set()
-    files, weight_map = unquantized_weights(folder)
-    # headers only: which shard holds what, checked before a byte of data is read
-    readers = [SafetensorsReader(path, label=folder / name) for name, path in files.items()]
-    _check_one_shard_each(readers, list(files), weight_map, folder)
-    for name_in_folder, f in tqdm(list(zip(files, readers)), desc="quantizing while loading", unit="shard",
-                                  disable=(not progress) if progress is not None else None):
-        # plain reads, not safe_open's memory map (whose touched pages stay resident until the whole shard
-        # is closed), and freed pages handed back after each weight: peak RSS near the quantized size
-        for name in f.keys():
-            tensor = upcast_weight(name, f.read(name), name_in_folder, torch_dtype, name in linear_weights)
-            if name in planned:
-                layer = planned[name]
-                layer.set_weight(tensor.to(device))
-                loaded.update(f"{layer.name}.{key}" for key in layer.tensors())
-                init_act_scale(layer, config.activation_scale, device)
-                del tensor
-                release_freed_memory()
-                continue
-            if name not in expected:
-                raise CheckpointError(f"tensor {name!r} in {name_in_folder} has no place in {type(skeleton).__name__}")
-            if tuple(tensor.shape) != tuple(expected[name].shape):
-                raise CheckpointError(f"tensor {name!r} in {name_in_folder} has shape {list(tensor.shape)}, the model "
-                                      f"expects {list(expected[name].shape)}")
-            set_module_tensor_to_device(skeleton, name, device, value=tensor, dtype=tensor.dtype)
-            loaded.add(name)
-    missing = [n for n, t in skeleton.state_dict(keep_vars=True).items() if t.device.type == "meta" and n not in loaded]
-    if missing:
-        raise CheckpointError(f"{folder} has no value for {len(missing)} tensors of the model, e.g. {missing[:3]}")
-    return skeleton.to(device), kept
-
-
-def _check_one_shard_each(readers: list, names: list[str], weight_map: dict[str, str] | None, folder: Path) -> None:
-    """Every tensor is in exactly one shard, the one the index (if any) names for it."""
-    holder: dict[str, str] = {}
-    for file, reader in zip(names, readers):
-        for tensor in reader.keys():
-            if tensor in holder:
-                named = f" (the index names {weight_map[tensor]})" if weight_map and tensor in weight_map else ""
-                raise CheckpointError(f"tensor {tensor!r} is in both {holder[tensor]} and {file} in {folder}{named}: "
-                                      f"which one the model should get is unclear; the folder is damaged or mixes two "
-                                      f"saves: keep one copy")
-            holder[tensor] = file
-    if weight_map is None:
-        return
-    for tensor, file in holder.items():
-        if weight_map.get(tensor) != file:
-            raise CheckpointError(f"tensor {tensor!r} is in {file} in {folder}, but the index "
-                                  f"{'names ' + weight_map[tensor] if tensor in weight_map else 'does not list it'}: "
-                                  f"the index and the shards disagree; the folder is damaged")
-    absent = sorted(set(weight_map) - set(holder))
-    if absent:
-        raise CheckpointError(f"the index of {folder} maps {absent[0]!r} to {weight_map[absent[0]]}, which does not "
-                              f"hold it ({len(absent)} such tensors): the folder is incomplete")

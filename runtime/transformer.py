@@ -13,6 +13,9 @@ import torch.nn as nn
 from .autoquant import AutoquantPlan, Timer, choose_config, explain, restore_plan
 from .backends import resident_bytes, select_backend
 from .calibrate import calibrate
+from .checkpoints.on_load import quantize_folder
+from .checkpoints.routing import foreign_format, load_foreign
+from .checkpoints.single_file import quantize_single_file
 from .compile import CompiledForward, CompileOptions, bucket
 from .config import QuantConfig
 from .interop import to_quant_config
@@ -262,8 +265,6 @@ class QuantizedTransformer(nn.Module):
         A folder that optimum-quanto or torchao wrote (quantization_map.json, or config.json's
         quantization_config, or torchao's safetensors metadata) loads through quantrt.checkpoints: each
         weight becomes the quantrt scheme that stores the same numbers, or the layer is refused with why."""
-        from .checkpoints import foreign_format, load_foreign
-
         device = usable_device(device)
         check_source_folder(path)
         if quantization is not None and (Path(path) / CONFIG_NAME).is_file():
@@ -278,8 +279,6 @@ class QuantizedTransformer(nn.Module):
             check_stored_scales(skeleton, f"{path} ({foreign} checkpoint)")
             return cls(skeleton.eval(), config, _attach_backends(skeleton, config, device, kept))
         if quantization is not None:
-            from .serialization import quantize_folder
-
             config = to_quant_config(quantization)
             if backend is not None:
                 config.backend = backend
@@ -329,8 +328,6 @@ class QuantizedTransformer(nn.Module):
         Linear weight as it is read so the full-precision model is never whole in memory. `config`: the
         diffusers config (a dict, or a folder with its config.json); None infers it from
         quantrt.models.FLUX_SIZES when the file's shapes match one (the model hub is never asked)."""
-        from .checkpoints import quantize_single_file
-
         device = usable_device(device)
         quant_config = to_quant_config(quantization)
         if backend is not None:

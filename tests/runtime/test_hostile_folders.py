@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 import quantrt.serialization as serialization
 from quantrt import QuantConfig, QuantizedTransformer
-from quantrt.checkpoints import SafetensorsReader
+from quantrt.checkpoints.reader import SafetensorsReader
 from quantrt.cli import main
 from quantrt.models import build_flux
 from quantrt.serialization import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, CheckpointError

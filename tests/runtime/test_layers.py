@@ -28,7 +28,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("quantrt.backends",),
     ("quantrt.modules",),
     ("quantrt.calibrate", "quantrt.cache", "quantrt.compile"),
-    ("quantrt.checkpoints.reader",),  # safetensors I/O
+    # safetensors I/O: the streaming reader, and its package's __init__ (a docstring), which importing it runs
+    ("quantrt.checkpoints.reader", "=quantrt.checkpoints"),
     ("quantrt.serialization",),
     ("quantrt.checkpoints",),
     ("quantrt.autoquant",),
@@ -57,8 +58,11 @@ def layer_of(module: str) -> int:
     best, depth = None, -1
     for index, names in enumerate(LAYERS):
         for name in names:
-            if (module == name or module.startswith(name + ".")) and name.count(".") > depth:
-                best, depth = index, name.count(".")
+            exact = name.startswith("=")  # "=quantrt.x": that module (a package's __init__) only
+            name = name.removeprefix("=")
+            rank = name.count(".") + (100 if module == name else 0)  # an exact match beats a package
+            if (module == name or (not exact and module.startswith(name + "."))) and rank > depth:
+                best, depth = index, rank
     if best is None:
         raise AssertionError(f"{module} has no layer: add it to LAYERS in {Path(__file__).name}")
     return best
@@ -116,10 +120,13 @@ def imports_of(module: str) -> tuple[list[Import], list[str]]:
                 plain.append(alias.name)
         if plain:
             found.append(Import(module, base, plain, node.lineno))
-    for item in list(found):  # importing a.b.c runs a.b's __init__ (the root's aside: it is the API)
+    # importing a.b.c runs a.b's __init__ first, unless it is running already: the importer's own packages (and
+    # the root's, the public API, which runs before any of its modules)
+    for item in list(found):
         parent = item.target.rpartition(".")[0]
         while parent.count("."):
-            found.append(Import(module, parent, [], item.line))
+            if not module.startswith(parent + "."):
+                found.append(Import(module, parent, [], item.line))
             parent = parent.rpartition(".")[0]
     private = [f"{path.relative_to(PACKAGE.parent)}:{node.lineno} reads {ast.unparse(node)}"
                for node in ast.walk(tree)

@@ -1,4 +1,12 @@
+"""Saving and loading quantrt folders (quantrt.serialization): round trips of every storage format, the folder's
+contents, checksums, damaged, truncated and hand-edited folders, index paths that try to leave the folder,
+saves killed midway, overwrite, and pickles that are never read. docs/reliability.md lists the cases."""
+
+from __future__ import annotations
+
 import json
+import pickle
+import struct
 import subprocess
 import sys
 import textwrap
@@ -9,11 +17,11 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+import quantrt.serialization as serialization
 from quantrt import QuantConfig, QuantizedTransformer
-from quantrt.cli import main
 from quantrt.models import build_flux, flux_inputs
 from quantrt.schemes import SCHEMES
-from quantrt.serialization import CONFIG_NAME, INDEX_NAME, CheckpointError
+from quantrt.serialization import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, CheckpointError
 
 # one scheme per storage format and activation kind; the fresh-process test covers all of them at once
 ROUND_TRIP = ["int8wo", "int4wo", "uint1wo", "uint3wo", "uint7wo", "float8wo_e5m2", "float8wo_e4m3",
@@ -168,37 +176,366 @@ def test_torch_dtype_on_load(tmp_path):
     assert ((out - ref).norm() / ref.norm()) < 0.05
 
 
-def test_quantize_on_load_streams_a_diffusers_folder(tmp_path):
-    model = build_flux("tiny", dtype=torch.float32)
-    inputs = flux_inputs(model)
-    model.save_pretrained(tmp_path / "unquantized", max_shard_size="200KB")
-    expected = QuantizedTransformer.from_model(model, QuantConfig("int4wo", backend="reference"), progress=False)
-    qt = QuantizedTransformer.from_pretrained(tmp_path / "unquantized", quantization="int4wo",
-                                              backend="reference", progress=False)
-    torch.testing.assert_close(qt(**inputs)[0], expected(**inputs)[0], rtol=0, atol=0)
-    assert [r.scheme for r in qt.summary()] == [r.scheme for r in expected.summary()]
-    # and through the CLI, into a quantrt folder that loads
-    assert main(["quantize", str(tmp_path / "unquantized"), str(tmp_path / "q"), "--scheme", "int4wo"]) == 0
-    loaded = QuantizedTransformer.from_pretrained(tmp_path / "q", backend="reference")
-    torch.testing.assert_close(loaded(**inputs)[0], expected(**inputs)[0], rtol=0, atol=0)
+def mlp(seed: int | None = None) -> nn.Module:
+    if seed is not None:
+        torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(256, 128), nn.GELU(), nn.Linear(128, 64))
 
 
-@pytest.mark.parametrize("activation_scale", [0.02, None], ids=["given", "uncalibrated"])
-def test_quantize_on_load_sets_the_static_activation_scale(tmp_path, activation_scale):
-    def skeleton():
-        return nn.Sequential(nn.Linear(64, 32), nn.GELU(), nn.Linear(32, 16))
+@pytest.fixture
+def saved(tmp_path):
+    """(folder, input, expected output) of a reference-backend uint4wo model saved as one shard."""
+    qt = QuantizedTransformer.from_model(mlp(), QuantConfig("uint4wo", group_size=32, backend="reference"),
+                                         progress=False)
+    qt.save_pretrained(tmp_path / "q")
+    x = torch.randn(3, 256)
+    return tmp_path / "q", x, qt(x)
 
-    model = skeleton()
-    save_file(model.state_dict(), tmp_path / "model.safetensors")
-    config = QuantConfig("float8_static_activation_float8_weight", backend="reference",
-                         activation_scale=activation_scale)
-    expected = QuantizedTransformer.from_model(model, config, progress=False)
-    loaded = QuantizedTransformer.from_pretrained(tmp_path, model=skeleton, quantization=config, progress=False)
-    for name in ("0", "2"):
-        layer, reference = loaded.model.get_submodule(name), expected.model.get_submodule(name)
-        assert layer.act_scale.dtype == torch.float32 and layer.act_scale.shape == (1, 1)
-        torch.testing.assert_close(layer.act_scale, reference.act_scale, rtol=0, atol=0, equal_nan=True)
-        assert layer.calibrated == reference.calibrated == (activation_scale is not None)
-    if activation_scale is not None:
-        x = torch.randn(5, 64)
-        torch.testing.assert_close(loaded(x), expected(x), rtol=0, atol=0)
+
+def load(folder: Path, **kwargs) -> QuantizedTransformer:
+    return QuantizedTransformer.from_pretrained(folder, model=mlp, **kwargs)
+
+
+def header(file: Path) -> tuple[int, bytes]:
+    """(length, JSON bytes) of a safetensors file's header."""
+    data = file.read_bytes()
+    length = struct.unpack("<Q", data[:8])[0]
+    return length, data[8:8 + length]
+
+
+def flip(file: Path, position: int) -> None:
+    data = bytearray(file.read_bytes())
+    data[position] ^= 0x04
+    file.write_bytes(bytes(data))
+
+
+def test_checksums_are_recorded_per_file(saved):
+    folder, _, _ = saved
+    files = json.loads((folder / CONFIG_NAME).read_text())["files"]
+    assert list(files) == [WEIGHTS_NAME]
+    assert files[WEIGHTS_NAME]["bytes"] == (folder / WEIGHTS_NAME).stat().st_size
+    assert len(files[WEIGHTS_NAME]["sha256"]) == 64
+
+
+@pytest.mark.parametrize("where", ["length", "brace", "dtype", "shape", "offset", "name"])
+def test_a_flipped_header_byte_is_an_error_naming_the_file(saved, where):
+    folder, _, _ = saved
+    file = folder / WEIGHTS_NAME
+    length, text = header(file)
+    # one bit flipped: the length prefix, the opening brace, "U8" -> "Q8", [128,128] -> [528,128], the first
+    # data offset 0 -> 4, "2.qweight" -> "6.qweight"
+    found = {"length": 0, "brace": 8, "dtype": 8 + text.index(b'"U8"') + 1,
+             "shape": 8 + text.index(b'"shape":[128,128]') + 9, "offset": 8 + text.index(b'"data_offsets":[') + 16,
+             "name": 8 + text.index(b'"2.qweight"') + 1}
+    flip(file, found[where])
+    for verify in (True, False):  # the header checks do not depend on the checksums
+        with pytest.raises(CheckpointError, match=WEIGHTS_NAME):
+            load(folder, verify_checksums=verify)
+
+
+def test_a_flipped_data_byte_is_caught_by_the_checksum(saved):
+    folder, x, expected = saved
+    file = folder / WEIGHTS_NAME
+    length, text = header(file)
+    start, end = json.loads(text)["0.qweight"]["data_offsets"]
+    flip(file, 8 + length + (start + end) // 2)
+    with pytest.raises(CheckpointError, match=f"{WEIGHTS_NAME} is corrupted: its sha256"):
+        load(folder)
+    # what the checksum prevents: safetensors alone loads the damaged weight, and the output is wrong
+    assert not torch.equal(load(folder, verify_checksums=False)(x), expected)
+
+
+@pytest.mark.parametrize("keep", ["nothing", "4 bytes", "half the header", "the header", "all but one byte"])
+def test_a_file_cut_short_is_an_error_naming_the_file(saved, keep):
+    folder, _, _ = saved
+    file = folder / WEIGHTS_NAME
+    length, _ = header(file)
+    data = file.read_bytes()
+    size = {"nothing": 0, "4 bytes": 4, "half the header": 8 + length // 2, "the header": 8 + length,
+            "all but one byte": len(data) - 1}[keep]
+    file.write_bytes(data[:size])
+    for verify in (True, False):
+        with pytest.raises(CheckpointError, match=WEIGHTS_NAME):
+            load(folder, verify_checksums=verify)
+
+
+def test_a_missing_shard_is_an_error_naming_it(tmp_path):
+    qt = QuantizedTransformer.from_model(mlp(), QuantConfig("int8wo", backend="reference"), progress=False)
+    qt.save_pretrained(tmp_path / "q", max_shard_size="20KB")
+    shards = sorted(tmp_path.joinpath("q").glob("model-*.safetensors"))
+    assert len(shards) > 1
+    shards[-1].unlink()
+    with pytest.raises(CheckpointError, match=f"shard {shards[-1].name} is missing"):
+        load(tmp_path / "q")
+
+
+def test_folders_saved_before_checksums_still_load(saved):
+    folder, x, expected = saved
+    metadata = json.loads((folder / CONFIG_NAME).read_text())
+    del metadata["files"]
+    (folder / CONFIG_NAME).write_text(json.dumps(metadata))
+    torch.testing.assert_close(load(folder)(x), expected, rtol=0, atol=0)
+
+
+def test_a_newer_quantrt_writing_a_known_format_loads(saved):
+    folder, x, expected = saved
+    metadata = json.loads((folder / CONFIG_NAME).read_text())
+    metadata.update(quantrt_version="99.0", a_field_from_the_future={"x": 1})
+    (folder / CONFIG_NAME).write_text(json.dumps(metadata))
+    torch.testing.assert_close(load(folder)(x), expected, rtol=0, atol=0)
+
+
+def _damage_config(metadata: dict, how: str):
+    if how == "a list":
+        return [metadata]
+    if how == "no layers":
+        del metadata["layers"]
+    elif how == "layer without scheme":
+        del metadata["layers"]["0"]["scheme"]
+    elif how == "layer of an unknown scheme":
+        metadata["layers"]["0"]["scheme"] = "int3wo"
+    elif how == "shape not a list":
+        metadata["tensors"]["0.qweight"]["shape"] = "128x128"
+    elif how == "unknown quant_config scheme":
+        metadata["quant_config"]["scheme"] = "nf4"
+    elif how == "files entry outside":
+        metadata["files"]["../model.safetensors"] = metadata["files"].pop(WEIGHTS_NAME)
+    else:  # a format version
+        metadata["format_version"] = {"version 0": 0, "version '1'": "1", "version true": True}[how]
+    return metadata
+
+
+@pytest.mark.parametrize("how, message", [
+    ("a list", "holds no JSON object"), ("no layers", "'layers' is missing"),
+    ("layer without scheme", "layer '0' needs scheme"), ("layer of an unknown scheme", "'int3wo'.*newer quantrt"),
+    ("shape not a list", "tensor '0.qweight' needs a dtype and a shape"),
+    ("unknown quant_config scheme", "quant_config.*'nf4'"),
+    ("files entry outside", "not a plain name inside the folder"),
+    ("version 0", "format version 0, which no quantrt writes"), ("version '1'", "format version '1'"),
+    ("version true", "format version True")])
+def test_a_damaged_config_is_an_error_naming_it(saved, how, message):
+    folder, _, _ = saved
+    file = folder / CONFIG_NAME
+    file.write_text(json.dumps(_damage_config(json.loads(file.read_text()), how)))
+    with pytest.raises(CheckpointError, match=message) as error:
+        load(folder)
+    assert CONFIG_NAME in str(error.value)
+
+
+def test_a_config_cut_short_is_invalid_json(saved):
+    folder, _, _ = saved
+    file = folder / CONFIG_NAME
+    file.write_text(file.read_text()[:100])
+    with pytest.raises(CheckpointError, match=f"{CONFIG_NAME} is not valid JSON"):
+        load(folder)
+
+
+@pytest.fixture
+def sharded(tmp_path):
+    qt = QuantizedTransformer.from_model(mlp(), QuantConfig("int8wo", backend="reference"), progress=False)
+    qt.save_pretrained(tmp_path / "q", max_shard_size="20KB")
+    return tmp_path / "q"
+
+
+@pytest.mark.parametrize("target", ["/etc/passwd", "../outside.safetensors", "sub/../../outside.safetensors",
+                                    "pytorch_model.bin", "link.safetensors"])
+def test_index_paths_cannot_leave_the_folder_or_name_other_files(sharded, target):
+    index = json.loads((sharded / INDEX_NAME).read_text())
+    name, shard = next(iter(index["weight_map"].items()))
+    outside = sharded.parent / "outside.safetensors"
+    outside.write_bytes((sharded / shard).read_bytes())
+    if target == "link.safetensors":  # a symlink inside the folder that points out of it
+        (sharded / target).symlink_to(outside)
+    index["weight_map"][name] = target
+    (sharded / INDEX_NAME).write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="outside the folder or not a .safetensors file"):
+        load(sharded, verify_checksums=False)
+
+
+# The child saves a second model over the folder with overwrite=True and stops at `point` (it prints
+# "reached <point>" and sleeps) so that the test can SIGKILL it there; the patches only add the stops.
+KILLED_SAVE = textwrap.dedent("""
+    import os, pathlib, shutil, sys, time
+    import safetensors.torch
+    import torch, torch.nn as nn
+    import quantrt.serialization as serialization
+    from quantrt import QuantConfig, QuantizedTransformer
+
+    target, point = sys.argv[1], sys.argv[2]
+
+    def stop():
+        print("reached", point, flush=True)
+        time.sleep(120)
+
+    real_save_file, shards = safetensors.torch.save_file, []
+    def save_file(tensors, filename, metadata=None):
+        real_save_file(tensors, filename, metadata=metadata)
+        shards.append(filename)
+        if point == "mid-shard" and len(shards) == 2:
+            os.truncate(filename, os.path.getsize(filename) // 2)
+            stop()
+    safetensors.torch.save_file = save_file
+
+    real_write_text = pathlib.Path.write_text
+    def write_text(self, data, *args, **kwargs):
+        if (point, self.name) in (("mid-index", serialization.INDEX_NAME), ("mid-config", serialization.CONFIG_NAME)):
+            real_write_text(self, data[: len(data) // 2], *args, **kwargs)
+            stop()
+        return real_write_text(self, data, *args, **kwargs)
+    pathlib.Path.write_text = write_text
+
+    real_exchange = serialization._exchange
+    def exchange(a, b):
+        if point == "before-swap":
+            stop()
+        return real_exchange(a, b)
+    serialization._exchange = exchange
+
+    real_rmtree = shutil.rmtree
+    def rmtree(path, *args, **kwargs):
+        if point == "after-swap":
+            stop()
+        return real_rmtree(path, *args, **kwargs)
+    shutil.rmtree = rmtree
+
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(256, 128), nn.GELU(), nn.Linear(128, 64))
+    qt = QuantizedTransformer.from_model(model, QuantConfig("int8wo", backend="reference"), progress=False)
+    qt.save_pretrained(target, max_shard_size="20KB", overwrite=True)
+    print("finished", flush=True)
+""")
+
+
+def quantized_mlp(seed: int) -> QuantizedTransformer:
+    return QuantizedTransformer.from_model(mlp(seed), QuantConfig("int8wo", backend="reference"), progress=False)
+
+
+@pytest.mark.parametrize("point", ["mid-shard", "mid-index", "mid-config", "before-swap", "after-swap"])
+def test_a_save_killed_midway_leaves_a_loadable_folder(tmp_path, point):
+    target = tmp_path / "q"
+    old, new = quantized_mlp(0), quantized_mlp(1)  # the child saves the same model as `new`
+    old.save_pretrained(target, max_shard_size="20KB")
+    x = torch.randn(3, 256)
+    outputs = {"old": old(x), "new": new(x)}
+    child = subprocess.Popen([sys.executable, "-c", KILLED_SAVE, str(target), point], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        line = child.stdout.readline()  # blocks until the child reaches the point, or ends
+        assert line.strip() == f"reached {point}", child.communicate(timeout=60)[1][-3000:]
+    finally:
+        child.kill()
+        child.communicate(timeout=60)
+    expected = "new" if point == "after-swap" else "old"
+    torch.testing.assert_close(load(target)(x), outputs[expected], rtol=0, atol=0)
+    # a leftover folder either loads as one complete model or is refused: never half of one
+    leftovers = [p for p in tmp_path.iterdir() if p != target]
+    assert leftovers and all(p.name.startswith(".q.") for p in leftovers)
+    for folder in leftovers:
+        try:
+            result = load(folder)(x)
+        except CheckpointError:
+            continue
+        assert any(torch.equal(result, output) for output in outputs.values()), folder.name
+    new.save_pretrained(target, max_shard_size="20KB", overwrite=True)  # the leftovers do not get in the way
+    torch.testing.assert_close(load(target)(x), outputs["new"], rtol=0, atol=0)
+
+
+def test_replacing_a_folder_without_an_atomic_exchange(tmp_path, monkeypatch):
+    # where renameat2(RENAME_EXCHANGE) is missing (other systems, some file systems): two renames
+    monkeypatch.setattr(serialization, "_exchange", lambda a, b: False)
+    quantized_mlp(0).save_pretrained(tmp_path / "q")
+    new = quantized_mlp(1)
+    new.save_pretrained(tmp_path / "q", overwrite=True)
+    x = torch.randn(3, 256)
+    torch.testing.assert_close(load(tmp_path / "q")(x), new(x), rtol=0, atol=0)
+    assert [p.name for p in tmp_path.iterdir()] == ["q"]
+
+
+@pytest.mark.parametrize("exchange", ["atomic", "two-renames"])
+@pytest.mark.parametrize("contents", ["user-files", "model-files-without-config"])
+def test_overwrite_never_deletes_a_folder_that_is_not_quantrt(tmp_path, monkeypatch, exchange, contents):
+    if exchange == "two-renames":
+        monkeypatch.setattr(serialization, "_exchange", lambda a, b: False)
+    target = tmp_path / "models"
+    target.mkdir()
+    if contents == "user-files":
+        (target / "notes.txt").write_text("mine")
+        (target / "flux").mkdir()
+        (target / "flux" / "model.safetensors").write_bytes(b"weights")
+    else:  # a diffusers/transformers folder: safetensors and config.json, but no quantrt_config.json
+        (target / "config.json").write_text("{}")
+        (target / "model.safetensors").write_bytes(b"weights")
+    before = {str(p.relative_to(target)): p.read_bytes() for p in target.rglob("*") if p.is_file()}
+    with pytest.raises(FileExistsError, match=r"models is not empty and does not look like a quantrt folder"):
+        quantized_mlp(0).save_pretrained(target, overwrite=True)
+    assert {str(p.relative_to(target)): p.read_bytes() for p in target.rglob("*") if p.is_file()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["models"]  # no staging folder left behind
+
+
+def test_overwrite_replaces_a_quantrt_folder_and_fills_an_empty_one(tmp_path):
+    old, new = quantized_mlp(0), quantized_mlp(1)
+    x = torch.randn(3, 256)
+    old.save_pretrained(tmp_path / "q")
+    new.save_pretrained(tmp_path / "q", overwrite=True)
+    torch.testing.assert_close(load(tmp_path / "q")(x), new(x), rtol=0, atol=0)
+    (tmp_path / "empty").mkdir()
+    new.save_pretrained(tmp_path / "empty", overwrite=True)
+    torch.testing.assert_close(load(tmp_path / "empty")(x), new(x), rtol=0, atol=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "q"]
+
+
+@pytest.mark.parametrize("exchange", ["atomic", "two-renames"])
+def test_overwrite_through_a_symlink_replaces_the_folder_it_points_at(tmp_path, monkeypatch, exchange):
+    if exchange == "two-renames":
+        monkeypatch.setattr(serialization, "_exchange", lambda a, b: False)
+    old, new = quantized_mlp(0), quantized_mlp(1)
+    x = torch.randn(3, 256)
+    (tmp_path / "store").mkdir()
+    real, link = tmp_path / "store" / "q", tmp_path / "q-link"
+    old.save_pretrained(real)
+    link.symlink_to(real, target_is_directory=True)
+    new.save_pretrained(link, overwrite=True)
+    assert link.is_symlink() and link.resolve() == real.resolve()
+    torch.testing.assert_close(load(link)(x), new(x), rtol=0, atol=0)
+    assert [p.name for p in (tmp_path / "store").iterdir()] == ["q"]  # the old folder was removed, nothing else
+
+
+class _Bait:
+    """Unpickling this creates the file `marker`: proof that a pickle was loaded."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def write_bait(folder: Path, marker: Path) -> list[str]:
+    names = ["pytorch_model.bin", "model.pt", "weights.pkl", "diffusion_pytorch_model.bin"]
+    for name in names:
+        (folder / name).write_bytes(pickle.dumps(_Bait(marker)))
+    torch.save({"bait": _Bait(marker)}, folder / "optimizer.pt")
+    return names
+
+
+def test_pickle_files_in_a_folder_are_never_read(saved, tmp_path):
+    folder, x, expected = saved
+    marker = tmp_path / "unpickled"
+    write_bait(folder, marker)
+    pickle.loads((folder / "model.pt").read_bytes())
+    assert marker.exists()  # the bait works
+    marker.unlink()
+    torch.testing.assert_close(load(folder)(x), expected, rtol=0, atol=0)
+    # an index naming one is refused, not opened
+    index = {"weight_map": {name: "pytorch_model.bin" for name in json.loads((folder / CONFIG_NAME).read_text())["tensors"]}}
+    (folder / INDEX_NAME).write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="not a .safetensors file"):
+        load(folder)
+    # a model folder with only pickled weights is refused for quantize-on-load
+    unquantized = tmp_path / "unquantized"
+    unquantized.mkdir()
+    (unquantized / "config.json").write_text(json.dumps({"_class_name": "MLP"}))
+    write_bait(unquantized, marker)
+    with pytest.raises(CheckpointError, match="never loads .bin/.pt pickles"):
+        QuantizedTransformer.from_pretrained(unquantized, quantization="int8wo", model=mlp, progress=False)
+    assert not marker.exists()
