@@ -1,16 +1,34 @@
-"""The `quantrt` command line."""
+"""The `quantrt` command line: its core commands (info, demo, quantize, warmup) and how a command line runs.
+
+The program `quantrt` (quantrt.__main__, also `python -m quantrt`) is this parser plus the `bench` command
+that quantrt.bench adds (`build_parser(extra_commands)`): quantrt.bench sits above this module and may import
+it, never the other way. `python -m quantrt.cli` runs the core commands alone.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.metadata
+import json
 import logging
 import os
 import platform
 import sys
+import time
 from pathlib import Path
+from typing import Any, Callable, Sequence
 
+import torch
+
+from .backends import ORDER, get_backend
+from .config import QuantConfig
+from .demo import DEFAULT_SCHEMES, run_demo
+from .models import FLUX_TOKENS, build_flux, example_inputs
+from .schemes import resolve_scheme
+from .serialization import CONFIG_NAME, check_target, parse_size
 from .tables import format_table
+from .transformer import QuantizedTransformer, model_bytes
 
 DESCRIPTION = """\
 quantrt: quantized inference for PyTorch transformers. Linear layers run in quantrt's own Triton
@@ -18,6 +36,9 @@ weight-only kernels where they can, else torchao, optimum-quanto, or a pure-torc
 
 Run `quantrt COMMAND --help` for a command's options.
 """
+
+# adds a command (or several) to the sub-parsers that ArgumentParser.add_subparsers returned
+AddCommands = Callable[[Any], None]
 
 INFO_SCHEMES = ("int8wo", "int4wo", "uint1wo", "uint2wo", "uint3wo", "uint5wo", "uint6wo", "uint7wo",
                 "float8wo_e5m2", "float8wo_e4m3", "fp3_e1m1", "fp4_e2m1", "fp6_e3m2", "fp7_e3m3", "int8dq",
@@ -40,11 +61,7 @@ def _version(dist: str) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    import torch
-
-    from .backends import ORDER, get_backend
-    from .schemes import resolve_scheme
-
+    """`quantrt info`: versions, the device, and which backend can serve which scheme here."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     print(f"python {platform.python_version()} ({platform.machine()})")
     for dist in ("quantrt", "torch", "triton", "torchao", "optimum-quanto", "diffusers", "transformers"):
@@ -77,10 +94,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    import torch
-
-    from .demo import run_demo
-
+    """`quantrt demo`: the main job on the FLUX-architecture demo model (quantrt.demo)."""
     schemes = [s for s in args.schemes.split(",") if s.strip()]
     run_demo(args.size, schemes, device=args.device, dtype=getattr(torch, args.dtype), repeats=args.repeats,
              backend=args.backend)
@@ -88,12 +102,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    import torch
-
-    from .config import QuantConfig
-    from .serialization import CONFIG_NAME, check_target, parse_size
-    from .transformer import QuantizedTransformer, model_bytes
-
+    """`quantrt quantize SRC DST`: an unquantized model folder into a quantrt folder, streaming."""
     # every argument and both folders are checked before the quantization, which can take an hour
     config = QuantConfig(args.scheme, group_size=args.group_size,
                          modules_to_not_convert=args.modules_to_not_convert or None)
@@ -126,8 +135,6 @@ def _warmup_shapes(args: argparse.Namespace, default: list[str]) -> list[str]:
         with open(args.shapes_file) as f:
             text = f.read()
         if text.lstrip().startswith("["):
-            import json
-
             shapes += [str(s) for s in json.loads(text)]
         else:
             shapes += [line.split("#")[0].strip() for line in text.splitlines() if line.split("#")[0].strip()]
@@ -135,13 +142,7 @@ def _warmup_shapes(args: argparse.Namespace, default: list[str]) -> list[str]:
 
 
 def cmd_warmup(args: argparse.Namespace) -> int:
-    import time
-
-    import torch
-
-    from .models import FLUX_TOKENS, build_flux, example_inputs
-    from .transformer import QuantizedTransformer
-
+    """`quantrt warmup [MODEL]`: compile for a list of shapes into the cache; --check proves a warm start."""
     start = time.perf_counter()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.model:
@@ -152,8 +153,6 @@ def cmd_warmup(args: argparse.Namespace) -> int:
         if type(qt.model).__name__ != "FluxTransformer2DModel":
             default = ["1x128"]
     else:
-        from .config import QuantConfig
-
         model = build_flux(args.size, dtype=getattr(torch, args.dtype or "bfloat16"), device=device)
         qt = QuantizedTransformer.from_model(model, QuantConfig(args.scheme, backend=args.backend or "auto"),
                                              progress=False)
@@ -177,9 +176,6 @@ def cmd_warmup(args: argparse.Namespace) -> int:
     print(report)
     total = time.perf_counter() - start
     if args.json:
-        import dataclasses
-        import json
-
         with open(args.json, "w") as f:
             json.dump({"entry": str(entry.path), "entry_status": entry.status, "seconds_total": total,
                        "shapes": [dataclasses.asdict(r) for r in report]}, f, indent=1)
@@ -203,52 +199,14 @@ def cmd_warmup(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    outputs = args.bench_module.run(args, "quantrt", args.argv)
-    return 1 if outputs.failures else 0
-
-
-BENCHMARKS = {  # `quantrt bench NAME`: the module quantrt.bench_NAME and its one-line summary
-    "kernels": "weight-only matmul kernels against bf16 torch.mm, torchao, quanto, gemlite",
-    "model": "FLUX and Llama end to end: bf16 against each scheme, eager and compiled",
-    "compile": "cold compile against a warm start from the compile cache",
-    "check": "the GPU check in one bounded run: precompile, parity, torch.compile, speed and targets",
-}
-
-
-def _command(argv: list[str]) -> str | None:
+def command_name(argv: Sequence[str]) -> str | None:
     """The sub-command of a command line (the top-level parser has no options that take a value)."""
     return next((a for a in argv if not a.startswith("-")), None)
 
 
-def _add_bench_parser(sub, bench_arguments: bool) -> None:
-    """`quantrt bench`. The benchmark modules (and what they import) are loaded only with `bench_arguments`,
-    which main sets when the command is `bench`: their options and descriptions matter only then."""
-    import importlib
-
-    bench = sub.add_parser("bench", help="`bench kernels`, `bench model`, `bench compile` (cold against warm "
-                                "start) and `bench check` (the GPU check); results in benchmarks/results/",
-                           description="Benchmarks that write a markdown table, a CSV and a PNG plot to "
-                                       "benchmarks/results/ (--out-dir). Without CUDA they run a reduced CPU smoke "
-                                       "run that checks they work, not their numbers.")
-    benchmarks = bench.add_subparsers(dest="benchmark", metavar="benchmark")
-    for name, summary in BENCHMARKS.items():
-        if not bench_arguments:
-            benchmarks.add_parser(name, help=summary)
-            continue
-        module = importlib.import_module(f"{__package__}.bench_{name}")
-        parser = benchmarks.add_parser(name, help=summary, description=module.__doc__,
-                                       formatter_class=argparse.RawDescriptionHelpFormatter)
-        module.add_arguments(parser)
-        parser.set_defaults(func=cmd_bench, bench_module=module)
-    bench.set_defaults(func=lambda args: bench.print_help() or 2)
-
-
-def build_parser(bench_arguments: bool = True) -> argparse.ArgumentParser:
-    """The `quantrt` parser. bench_arguments=False leaves out the benchmarks' own options (and the imports
-    they need), for any command but `bench`."""
-    from .demo import DEFAULT_SCHEMES
-
+def build_parser(extra_commands: Sequence[AddCommands] = ()) -> argparse.ArgumentParser:
+    """The `quantrt` parser: the core commands, then those each of `extra_commands` adds (the program adds
+    `bench` this way, quantrt.bench.add_bench_command)."""
     parser = argparse.ArgumentParser(prog="quantrt", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="command", title="commands")
@@ -338,14 +296,17 @@ def build_parser(bench_arguments: bool = True) -> argparse.ArgumentParser:
     warmup.add_argument("--cache-dir", help="cache folder (default: QUANTRT_CACHE_DIR, else ~/.cache/quantrt)")
     warmup.add_argument("--json", metavar="FILE", help="also write the per-shape report as JSON")
     warmup.set_defaults(func=cmd_warmup)
-    _add_bench_parser(sub, bench_arguments)
+    for add_commands in extra_commands:
+        add_commands(sub)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, extra_commands: Sequence[AddCommands] = ()) -> int:
+    """Parse `argv` (default: the process's arguments) with build_parser(extra_commands) and run the command;
+    its exit code. A user error (a bad scheme, a backend that cannot serve) is one line on stderr, exit 1."""
     quiet_library_logs()
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(bench_arguments=_command(argv) == "bench")
+    parser = build_parser(extra_commands)
     args = parser.parse_args(argv)
     args.argv = argv  # the exact command, for the benchmarks' reports
     if not getattr(args, "func", None):

@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .calibrate import calibrate
 from .config import QuantConfig
 from .metrics import relative_error
 from .models import build_flux, flux_inputs
@@ -76,7 +77,6 @@ def run_demo(size: str = "small", schemes: Sequence[str] = DEFAULT_SCHEMES, devi
              f"{'s' if repeats != 1 else ''} ...")
         qt = QuantizedTransformer.from_model(copy.deepcopy(model), config, progress=False)
         if config.scheme.activation == "fp8_static":
-            from .calibrate import calibrate
             calibrate(qt, [inputs])
         out, ms = time_forward(qt, inputs, device, repeats)
         summary = qt.summary()

@@ -1,9 +1,14 @@
+"""The `quantrt` program: the core commands of quantrt.cli (info, demo, quantize, warmup), the demo itself,
+and the `bench` command that quantrt.bench adds through quantrt.__main__ (loaded only for `bench`)."""
+
+import importlib.metadata
 import subprocess
 import sys
 
 import pytest
 
-from quantrt.cli import main
+from quantrt import cli
+from quantrt.__main__ import main
 from quantrt.demo import run_demo
 
 
@@ -36,9 +41,38 @@ def test_cli_bad_scheme_is_one_clear_line(capsys):
 
 
 def test_console_script_help():
-    out = subprocess.run([sys.executable, "-m", "quantrt.cli", "demo", "--help"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "quantrt", "demo", "--help"], capture_output=True, text=True,
                          check=True).stdout
     assert "--size" in out and "FLUX.1-dev" in out
+
+
+def test_console_script_is_the_program():
+    try:
+        scripts = importlib.metadata.entry_points(group="console_scripts", name="quantrt")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("quantrt is not installed")
+    assert [s.value for s in scripts] == ["quantrt.__main__:main"]
+
+
+def test_python_m_quantrt_lists_bench_and_its_benchmarks_options():
+    top = subprocess.run([sys.executable, "-m", "quantrt", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    assert "bench" in top and "warmup" in top and "`bench check` (the GPU check)" in top
+    kernels = subprocess.run([sys.executable, "-m", "quantrt", "bench", "kernels", "--help"], capture_output=True,
+                             text=True, check=True).stdout
+    assert "usage: quantrt bench kernels" in kernels
+    for option in ("--formats", "--shapes", "--ms", "--providers", "--quick", "--cpu-smoke", "--out-dir",
+                   "--tuning-file", "--warmup-ms", "--rep-ms"):
+        assert option in kernels
+    assert "Kernel microbenchmark" in kernels  # the benchmark module's docstring
+
+
+def test_the_core_command_line_has_no_bench_command(capsys):
+    """quantrt.cli alone (`python -m quantrt.cli`): the core commands; `bench` comes from quantrt.__main__."""
+    assert cli.main(["info"]) == 0
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "kernels"])
+    assert "invalid choice: 'bench'" in capsys.readouterr().err
 
 
 def test_no_command_prints_help(capsys):
@@ -49,22 +83,22 @@ def test_no_command_prints_help(capsys):
 # prints the help, then which benchmark modules the command line loaded
 LOADED_BENCHMARKS = """
 import sys
-from quantrt.cli import main
+from quantrt.__main__ import main
 try:
     main(sys.argv[1:])
 except SystemExit:
     pass
-print("loaded:", sorted(m for m in sys.modules if m.startswith("quantrt.bench")))
+print("loaded:", sorted(m for m in sys.modules if m.startswith("quantrt.bench.")))
 """
+ALL_BENCHMARKS = ["quantrt.bench.check", "quantrt.bench.common", "quantrt.bench.compile", "quantrt.bench.kernels",
+                  "quantrt.bench.model", "quantrt.bench.report"]
 
 
 @pytest.mark.parametrize("argv, loaded, in_help", [
     (["--help"], [], "bench compile"),
     (["info", "--help"], [], "--device"),
-    (["bench", "--help"], ["quantrt.bench_check", "quantrt.bench_common", "quantrt.bench_compile",
-                           "quantrt.bench_kernels", "quantrt.bench_model"], "cold compile against a warm start"),
-    (["bench", "kernels", "--help"], ["quantrt.bench_check", "quantrt.bench_common", "quantrt.bench_compile",
-                                      "quantrt.bench_kernels", "quantrt.bench_model"], "--formats"),
+    (["bench", "--help"], ALL_BENCHMARKS, "cold compile against a warm start"),
+    (["bench", "kernels", "--help"], ALL_BENCHMARKS, "--formats"),
 ], ids=["top-level", "info", "bench", "bench-kernels"])
 def test_only_the_bench_command_imports_the_benchmarks(argv, loaded, in_help):
     out = subprocess.run([sys.executable, "-c", LOADED_BENCHMARKS, *argv], capture_output=True, text=True,
@@ -72,6 +106,19 @@ def test_only_the_bench_command_imports_the_benchmarks(argv, loaded, in_help):
     help_text, _, modules = out.rpartition("loaded: ")
     assert in_help in help_text
     assert modules.strip() == str(loaded)
+
+
+def test_no_quantrt_module_below_the_program_imports_the_benchmarks():
+    """quantrt.bench is the top layer: importing the package and its command line loads none of it."""
+    code = "import sys, quantrt, quantrt.cli; print(sorted(m for m in sys.modules if m.startswith('quantrt.bench')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_bench_without_a_benchmark_prints_help(capsys):
+    assert main(["bench"]) == 2
+    out = capsys.readouterr().out
+    assert "kernels" in out and "model" in out and "compile" in out and "check" in out
 
 
 def test_demo_names_the_layers_a_scheme_keeps_in_full_precision(capsys):

@@ -383,30 +383,6 @@ def test_the_autoquant_plan_goes_into_the_entry(tmp_path):
     assert qt._compiled.entry.fields == fingerprint_fields(qt.model, quantrt.compile.CompileOptions(mode=MODE))
 
 
-def test_bench_compile_reports_each_configuration(tmp_path, monkeypatch):
-    """The table, CSV and target verdicts, with the two `quantrt warmup` processes stood in for (the CLI tests
-    above run the real ones)."""
-    from quantrt import bench_compile
-
-    calls = []
-
-    def fake_warmup(args, report):
-        calls.append(args)
-        warm = "--check" in args
-        shapes = [{"seconds": 0.5 if warm else 10.0, "cache_hits": 1 if warm else 0, "cache_misses": 0 if warm else 1,
-                   "recompiles": 0}]
-        return {"shapes": shapes}, 2.0 if warm else 12.0
-
-    monkeypatch.setattr(bench_compile, "warmup_process", fake_warmup)
-    parser = __import__("argparse").ArgumentParser()
-    bench_compile.add_arguments(parser)
-    args = parser.parse_args(["--cpu-smoke", "--out-dir", str(tmp_path), "--regional", "both"])
-    out = bench_compile.run(args, "quantrt", ["bench", "compile"], echo=lambda _: None)
-    assert len(calls) == 4 and sum("--regional" in c for c in calls) == 2
-    assert [row[7] for row in out.rows] == ["5.0%", "5.0%"] and not out.failures
-    assert "< 20%: met" in out.markdown.read_text() and "cold compile s" in out.csv.read_text()
-
-
 def test_cli_warmup_of_a_saved_folder_then_check(tmp_path):
     """`quantrt warmup FOLDER`: the model as from_pretrained loads it (dtype and backends as stored), so the
     serving process's fingerprint is the same: checked by `from_pretrained(FOLDER).compile()` finding the entry."""

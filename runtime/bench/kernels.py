@@ -10,14 +10,15 @@ Method:
   by its documented `gemlite.helper` builders from the same codes, scales and zero points. Each provider's
   output is compared with x @ dequantize(W)^T in float32 (column "rel. err"), so that a peer wired wrongly
   shows instead of looking fast.
-- Timing: `bench_common.time_rotated`: the weights (and inputs) are copied until the copies of one call
-  set exceed twice the L2 cache, each call of a CUDA graph touches its own copy, the graph's replay is
-  timed by the median of triton.testing.do_bench (which flushes L2 before each replay), per call = that
-  over the number of calls. quantrt's kernels are autotuned on their first call, before the capture, into
-  a fresh tuning table (or `--tuning-file`), never the user's own.
+- Timing: `quantrt.bench.common.time_rotated`: the weights (and inputs) are copied until the copies of
+  one call set exceed twice the L2 cache, each call of a CUDA graph touches its own copy, the graph's
+  replay is timed by the median of triton.testing.do_bench (which flushes L2 before each replay), per call
+  = that over the number of calls. quantrt's kernels are autotuned on their first call, before the
+  capture, into a fresh tuning table (or `--tuning-file`), never the user's own.
 - Floors: bytes = the format's stored weight (codes + scales + zero points, as quantrt stores them; bf16:
   2 N K) + x (2 M K) + y (2 M N); memory floor = bytes / the measured copy bandwidth, compute floor =
-  2 M N K / the measured bf16 torch.mm rate, both measured in the same run (`bench_common.measure_roofline`).
+  2 M N K / the measured bf16 torch.mm rate, both measured in the same run
+  (`quantrt.bench.common.measure_roofline`).
   "% of floor" = max(memory, compute floor) / time; "% of HBM floor" = memory floor / time. Peers are held
   to the format's floor (what their own storage costs is the column "stored MB").
 
@@ -32,7 +33,7 @@ import argparse
 import copy
 import math
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -40,13 +41,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import bench_common as bc
-from .bench_common import Outputs, TargetResult
-from .backends import get_backend
-from .metrics import relative_error
-from .modules import QuantizedLinear
-from .schemes import Scheme, resolve_scheme
-from .tables import format_table
+from ..backends import get_backend
+from ..kernels.packing import unpack_uintx
+from ..kernels.quantize import FP8_DTYPES
+from ..metrics import relative_error
+from ..modules import QuantizedLinear
+from ..schemes import Scheme, resolve_scheme
+from ..tables import format_table
+from .common import (DEFAULT_REP_MS, DEFAULT_WARMUP_MS, Outputs, Roofline, Run, geometric_mean, l2_bytes,
+                     measure_roofline, pick_device, private_tuning_table, script_main, smoke_threads, stored_bytes,
+                     time_rotated)
+from .report import (PLOT_MISSING, CsvLog, TargetResult, cell, csv_headers, device_title, distribution_version,
+                     failed_note, note_cell, percent_cell, pyplot, targets_table, write_text)
+
+# The Triton kernel modules (quantrt.kernels.formats, floatx, autotune) are imported by the functions that use
+# them: triton.jit decides at import whether a kernel runs in the interpreter, and `quantrt bench check`, which
+# builds on this module, turns the interpreter on only after its arguments are parsed.
 
 FORMATS = ("int8wo", "int4wo", "uint1wo", "uint2wo", "uint3wo", "uint4wo", "uint5wo", "uint6wo", "uint7wo",
            "float8wo_e4m3", "float8wo_e5m2", "fp3_e1m1", "fp4_e2m1", "fp5_e2m2", "fp6_e3m2", "fp7_e3m3")
@@ -112,17 +122,16 @@ class Row:
         return f"{self.n}x{self.k}"
 
 
-CSV_HEADERS = [f.name for f in fields(Row)]
+CSV_HEADERS = csv_headers(Row)
 TABLE_HEADERS = ["N x K", "M", "format", "provider", "kernel", "ms", "TFLOP/s", "GB/s", "speed-up vs bf16",
                  "floor ms", "bound", "% of floor", "% of HBM floor", "stored MB", "rel. err", "timing", "note"]
 
 
-def _table_row(r: Row) -> list[str]:
-    percent = (lambda v: "-" if v is None else f"{100 * v:.0f}%")
-    return [r.shape, str(r.m), r.format, r.provider, r.kernel or "-", bc.cell(r.ms, 4), bc.cell(r.tflops),
-            bc.cell(r.gbps), bc.cell(r.speedup), bc.cell(r.floor_ms, 4), r.bound or "-", percent(r.floor_fraction),
-            percent(r.hbm_fraction), bc.cell(r.stored_mb), bc.cell(r.rel_error, 2), r.timing or "-",
-            r.note.replace("|", "/") or "-"]
+def table_row(r: Row) -> list[str]:
+    """A point's row of the "All points" table (TABLE_HEADERS)."""
+    return [r.shape, str(r.m), r.format, r.provider, r.kernel or "-", cell(r.ms, 4), cell(r.tflops), cell(r.gbps),
+            cell(r.speedup), cell(r.floor_ms, 4), r.bound or "-", percent_cell(r.floor_fraction),
+            percent_cell(r.hbm_fraction), cell(r.stored_mb), cell(r.rel_error, 2), r.timing or "-", note_cell(r.note)]
 
 
 @dataclass
@@ -136,9 +145,9 @@ class Built:
 
 
 def scheme_format(scheme: Scheme):
-    """The kernels' WeightFormat of a weight-only scheme."""
-    from .kernels.floatx import FP8_FORMATS
-    from .kernels.formats import FLOATX, INT8, UINTX, WeightFormat
+    """The kernels' WeightFormat (quantrt.kernels.formats) of a weight-only scheme."""
+    from ..kernels.floatx import FP8_FORMATS  # Triton kernels: imported late (note at the imports)
+    from ..kernels.formats import FLOATX, INT8, UINTX, WeightFormat
 
     if scheme.weight == "int8":
         return WeightFormat(INT8, 8)
@@ -157,7 +166,7 @@ def build_quantrt(layers: list[QuantizedLinear], device: torch.device) -> Built:
     reason = layer.backend.unavailable_reason(layer.scheme, device)
     if reason:
         raise ProviderSkip(reason)
-    from .kernels import autotune
+    from ..kernels import autotune  # Triton kernels: imported late (note at the imports)
 
     fmt = scheme_format(layer.scheme)
 
@@ -192,15 +201,15 @@ def _linear_calls(weights: list) -> list[Callable[[torch.Tensor], torch.Tensor]]
 
 def build_torchao(layers: list[QuantizedLinear], device: torch.device) -> Built:
     weights, config = _backend_weights(layers, "torchao", device)
-    version = bc.distribution_version("torchao")
-    return Built(_linear_calls(weights), f"torchao {version} {config}", bc.stored_bytes(weights[0]))
+    version = distribution_version("torchao")
+    return Built(_linear_calls(weights), f"torchao {version} {config}", stored_bytes(weights[0]))
 
 
 def build_quanto(layers: list[QuantizedLinear], device: torch.device) -> Built:
     weights, qtype = _backend_weights(layers, "quanto", device)
     kind = type(weights[0]).__name__
-    version = bc.distribution_version("optimum-quanto")
-    return Built(_linear_calls(weights), f"quanto {version} {qtype} ({kind})", bc.stored_bytes(weights[0]))
+    version = distribution_version("optimum-quanto")
+    return Built(_linear_calls(weights), f"quanto {version} {qtype} ({kind})", stored_bytes(weights[0]))
 
 
 GEMLITE_BITS = (1, 2, 4, 8)
@@ -208,7 +217,7 @@ GEMLITE_BITS = (1, 2, 4, 8)
 
 def gemlite_unavailable_reason(scheme: Scheme, device: torch.device) -> str | None:
     """Why gemlite cannot serve `scheme` on `device`, or None."""
-    if bc.distribution_version("gemlite") is None:
+    if distribution_version("gemlite") is None:
         return "gemlite is not installed"
     if device.type != "cuda":
         return "gemlite runs on CUDA only"
@@ -229,10 +238,7 @@ def build_gemlite(layers: list[QuantizedLinear], device: torch.device) -> Built:
     reason = gemlite_unavailable_reason(scheme, device)
     if reason:
         raise ProviderSkip(reason)
-    from gemlite import helper
-
-    from .kernels.packing import unpack_uintx
-    from .kernels.quantize import FP8_DTYPES
+    from gemlite import helper  # optional, and CUDA only
 
     modules = []
     for layer in layers:
@@ -248,9 +254,9 @@ def build_gemlite(layers: list[QuantizedLinear], device: torch.device) -> Built:
             module = helper.A16Wn(device=str(device), dtype=dtype).from_weights(
                 codes, layer.scale, layer.zero, scheme.bits, scheme.group_size)
         modules.append(module)
-    version = bc.distribution_version("gemlite")
+    version = distribution_version("gemlite")
     return Built([(lambda x, g=g: g(x)) for g in modules], f"gemlite {version} {type(modules[0]).__name__}",
-                 bc.stored_bytes(modules[0]))
+                 stored_bytes(modules[0]))
 
 
 BUILDERS = {"quantrt": build_quantrt, "torchao": build_torchao, "quanto": build_quanto, "gemlite": build_gemlite}
@@ -264,7 +270,7 @@ class Plan:
     providers: tuple[str, ...]
 
 
-def _copies(call_bytes: int, l2: int) -> int:
+def rotation_copies(call_bytes: int, l2: int) -> int:
     """How many copies of a call's data make the rotation exceed twice the L2 cache (2 at least, so
     that rotation is always exercised, MAX_COPIES at most)."""
     return max(2, min(MAX_COPIES, math.ceil(2 * l2 / max(call_bytes, 1))))
@@ -285,9 +291,9 @@ class Inputs:
 
 
 def _measure(row: Row, built_calls: Sequence[Callable], xs: list[torch.Tensor], device: torch.device,
-             counted_bytes: int, roofline: bc.Roofline, warmup_ms: int, rep_ms: int) -> None:
+             counted_bytes: int, roofline: Roofline, warmup_ms: int, rep_ms: int) -> None:
     calls = [(lambda c=built_calls[i % len(built_calls)], x=x: c(x)) for i, x in enumerate(xs)]
-    ms, how = bc.time_rotated(calls, device, warmup_ms, rep_ms)
+    ms, how = time_rotated(calls, device, warmup_ms, rep_ms)
     flops = 2 * row.m * row.n * row.k
     memory_floor = roofline.memory_floor_ms(counted_bytes)
     compute_floor = roofline.compute_floor_ms(flops)
@@ -301,8 +307,8 @@ def _measure(row: Row, built_calls: Sequence[Callable], xs: list[torch.Tensor], 
 
 
 @torch.no_grad()
-def run_kernels(plan: Plan, device: torch.device, roofline: bc.Roofline, echo: Callable[[str], None] = print,
-                warmup_ms: int = bc.DEFAULT_WARMUP_MS, rep_ms: int = bc.DEFAULT_REP_MS,
+def run_kernels(plan: Plan, device: torch.device, roofline: Roofline, echo: Callable[[str], None] = print,
+                warmup_ms: int = DEFAULT_WARMUP_MS, rep_ms: int = DEFAULT_REP_MS,
                 on_row: Callable[[Row], None] | None = None,
                 builders: Mapping[str, Callable[[list[QuantizedLinear], torch.device], Built]] = BUILDERS,
                 ) -> list[Row]:
@@ -310,7 +316,7 @@ def run_kernels(plan: Plan, device: torch.device, roofline: bc.Roofline, echo: C
     `on_row` sees each row as soon as it is final (an exception it raises that is no Exception, such as
     a time limit, ends the run there). `builders` maps plan.providers to their builders."""
     dtype = torch.bfloat16
-    l2 = bc.l2_bytes(device)
+    l2 = l2_bytes(device)
     quantrt_backend = get_backend("triton" if device.type == "cuda" else "reference")
     rows: list[Row] = []
 
@@ -329,12 +335,12 @@ def run_kernels(plan: Plan, device: torch.device, roofline: bc.Roofline, echo: C
         dense = (torch.randn(n, k, device=device) / k**0.5).to(dtype)
         inputs = Inputs(k, device, dtype)
         baseline: dict[int, float] = {}
-        dense_copies = [dense] + [dense.clone() for _ in range(_copies(2 * n * k, l2) - 1)]
+        dense_copies = [dense] + [dense.clone() for _ in range(rotation_copies(2 * n * k, l2) - 1)]
         for m in plan.ms:
             row = Row(n, k, m, "bf16", BASELINE, kernel="cuBLAS" if device.type == "cuda" else "CPU torch.mm",
                       stored_mb=2 * n * k / 1e6)
             counted = 2 * n * k + 2 * m * (n + k)
-            xs = inputs.get(m, _copies(counted, l2))
+            xs = inputs.get(m, rotation_copies(counted, l2))
             calls = [(lambda x, w=w: torch.mm(x, w.t())) for w in dense_copies]
             try:
                 row.rel_error = relative_error(torch.mm(xs[0], dense.t()), xs[0].float() @ dense.float().t())
@@ -342,7 +348,7 @@ def run_kernels(plan: Plan, device: torch.device, roofline: bc.Roofline, echo: C
                 row.speedup = 1.0
                 baseline[m] = row.ms
             except Exception as e:  # the peers of this M then have no speed-up, but their times stand
-                row.note = f"FAILED: {type(e).__name__}: {e}"[:300]
+                row.note = failed_note(e)
             add(row)
             report(row)
         del dense_copies
@@ -357,7 +363,7 @@ def run_kernels(plan: Plan, device: torch.device, roofline: bc.Roofline, echo: C
                 continue
             first = QuantizedLinear.from_linear(linear, scheme, quantrt_backend, name=f"{name} {n}x{k}")
             weight_bytes = first.storage_bytes()
-            layers = [first] + [copy.deepcopy(first) for _ in range(_copies(weight_bytes, l2) - 1)]
+            layers = [first] + [copy.deepcopy(first) for _ in range(rotation_copies(weight_bytes, l2) - 1)]
             reference_weight = first.dequantize()  # float32 [N, K]
             for provider in plan.providers:
                 try:
@@ -372,7 +378,7 @@ def run_kernels(plan: Plan, device: torch.device, roofline: bc.Roofline, echo: C
                 for m in plan.ms:
                     row = Row(n, k, m, name, provider, kernel=built.kernel, stored_mb=built.stored_bytes / 1e6)
                     counted = weight_bytes + 2 * m * (n + k)
-                    xs = inputs.get(m, _copies(counted, l2))
+                    xs = inputs.get(m, rotation_copies(counted, l2))
                     try:
                         y = built.calls[0](xs[0])
                         row.rel_error = relative_error(y, xs[0].float() @ reference_weight.t())
@@ -381,7 +387,7 @@ def run_kernels(plan: Plan, device: torch.device, roofline: bc.Roofline, echo: C
                         _measure(row, built.calls, xs, device, counted, roofline, warmup_ms, rep_ms)
                         row.speedup = baseline[m] / row.ms if m in baseline else None
                     except Exception as e:  # one failing point is reported, the sweep goes on
-                        row.note = f"FAILED: {type(e).__name__}: {e}"[:300]
+                        row.note = failed_note(e)
                     add(row)
                     report(row)
                 del built
@@ -452,7 +458,7 @@ def speedup_pivot(rows: Sequence[Row], ms: Sequence[int]) -> tuple[list[str], li
 def plot_speedups(rows: Sequence[Row], path: Path, title: str) -> Path | None:
     """Speed-up over bf16 vs M, one panel per format, a line per provider (geometric mean over the
     shapes). None when matplotlib is missing."""
-    plt = bc.pyplot()
+    plt = pyplot()
     if plt is None:
         return None
     formats = list(dict.fromkeys(r.format for r in rows if r.provider != BASELINE))
@@ -467,7 +473,7 @@ def plot_speedups(rows: Sequence[Row], path: Path, title: str) -> Path | None:
                     by_m.setdefault(r.m, []).append(r.speedup)
             if by_m:
                 ms = sorted(by_m)
-                axis.plot(ms, [bc.geometric_mean(by_m[m]) for m in ms], marker="o", label=provider)
+                axis.plot(ms, [geometric_mean(by_m[m]) for m in ms], marker="o", label=provider)
         axis.axhline(1.0, color="gray", linestyle="--", linewidth=1)
         axis.set_xscale("log", base=2)
         axis.set_title(name)
@@ -556,27 +562,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                      "folder for a CPU smoke run)")
     parser.add_argument("--tuning-file", type=Path,
                         help="quantrt's tuning table to read and fill (default: a fresh temporary one)")
-    parser.add_argument("--warmup-ms", type=int, default=bc.DEFAULT_WARMUP_MS, help="do_bench warmup (ms)")
-    parser.add_argument("--rep-ms", type=int, default=bc.DEFAULT_REP_MS, help="do_bench repetition time (ms)")
+    parser.add_argument("--warmup-ms", type=int, default=DEFAULT_WARMUP_MS, help="do_bench warmup (ms)")
+    parser.add_argument("--rep-ms", type=int, default=DEFAULT_REP_MS, help="do_bench repetition time (ms)")
 
 
 def run(args: argparse.Namespace, prog: str, argv: Sequence[str], echo: Callable[[str], None] = print) -> Outputs[Row]:
     """Run the kernel benchmark as `args` say and write its markdown, CSV and PNG."""
-    device = bc.pick_device(args.cpu_smoke, echo)
+    device = pick_device(args.cpu_smoke, echo)
     plan = make_plan(args, smoke=device.type != "cuda")  # bad arguments fail before anything is written
-    run_info = bc.Run.create("kernels", device, prog, argv, args.out_dir)
+    run_info = Run.create("kernels", device, prog, argv, args.out_dir)
     stem = run_info.stem
-    with (bc.smoke_threads(run_info.smoke), bc.private_tuning_table(device, args.tuning_file) as tuning,
-          bc.CsvLog(stem.with_suffix(".csv"), CSV_HEADERS) as csv_log):
+    with (smoke_threads(run_info.smoke), private_tuning_table(device, args.tuning_file) as tuning,
+          CsvLog(stem.with_suffix(".csv"), CSV_HEADERS) as csv_log):
         echo(f"writing {csv_log.path} as points are measured")
-        roofline = bc.measure_roofline(device)
+        roofline = measure_roofline(device)
         echo(roofline.describe())
         rows = run_kernels(plan, device, roofline, echo, args.warmup_ms, args.rep_ms, on_row=csv_log.write)
     targets = check_targets(rows)
     plot = plot_speedups(rows, stem.with_suffix(".png"),
-                         f"quantrt kernels on {bc.describe_device(device).split(',')[0]}: speed-up over bf16 "
+                         f"quantrt kernels on {device_title(device)}: speed-up over bf16 "
                          f"torch.mm (geometric mean over {len(plan.shapes)} shapes)")
-    lines = run_info.header_lines(f"Weight-only matmul kernels on {bc.describe_device(device).split(',')[0]}")
+    lines = run_info.header_lines(f"Weight-only matmul kernels on {device_title(device)}")
     lines += [f"- {roofline.describe()}",
               f"- formats: {', '.join(plan.formats)}; shapes (N x K): "
               f"{', '.join(f'{n}x{k}' for n, k in plan.shapes)}; M: {', '.join(map(str, plan.ms))}; "
@@ -590,23 +596,24 @@ def run(args: argparse.Namespace, prog: str, argv: Sequence[str], echo: Callable
               "bandwidth). rel. err = ||y - x W^T|| / ||x W^T|| against the dequantized weight "
               "in float32.",
               "", "## Speed targets (issue 3), quantrt", "",
-              format_table(["target", "status", "detail"], [[t.target, t.status, t.detail] for t in targets]),
+              targets_table(targets),
               "", "## Speed-up over bf16 torch.mm", "",
               format_table(*speedup_pivot(rows, plan.ms)),
               "", "## All points", "",
-              format_table(TABLE_HEADERS, [_table_row(r) for r in rows]),
-              "", f"Plot: `{plot.name}`" if plot else f"Plot: none, {bc.PLOT_MISSING}"]
+              format_table(TABLE_HEADERS, [table_row(r) for r in rows]),
+              "", f"Plot: `{plot.name}`" if plot else f"Plot: none, {PLOT_MISSING}"]
     failed = [r for r in rows if r.note.startswith("FAILED")]
     if failed:
         lines += ["", f"{len(failed)} points FAILED (see the note column)."]
-    markdown = bc.write_text(stem.with_suffix(".md"), lines)
+    markdown = write_text(stem.with_suffix(".md"), lines)
     csv_path = csv_log.path
-    echo("\n" + format_table(["target", "status", "detail"], [[t.target, t.status, t.detail] for t in targets]))
+    echo("\n" + targets_table(targets))
     if plot is None:
-        echo(bc.PLOT_MISSING)
+        echo(PLOT_MISSING)
     echo(f"wrote {markdown}, {csv_path}" + (f", {plot}" if plot else ""))
     return Outputs(markdown, csv_path, plot, rows, targets)
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python benchmarks/bench_kernels.py") -> int:
-    return bc.script_main(sys.modules[__name__], argv, prog)
+    """`python benchmarks/bench_kernels.py`: the same as `quantrt bench kernels`."""
+    return script_main(sys.modules[__name__], argv, prog)

@@ -24,11 +24,11 @@ budget (`--budget-s`, default 450 s) and skipped with a note where the budget le
 4. speed: bf16 torch.mm (cuBLAS) against quantrt int8wo (per channel), float8wo_e4m3 (per channel) and
    int4wo (uint4, group 128), each the op's own tuned pick, torchao's int8 and fp8 weight-only, and
    torch's own int4 kernel (torch._weight_int4pack_mm), on 8192x8192, 3072x3072, 12288x3072 and
-   3072x15360 at M 1, 16, 4608, timed as `quantrt bench kernels` times (bench_kernels.run_kernels:
-   weights and inputs rotated beyond L2, CUDA-graph replays, do_bench medians, the measured roofline).
-   Then the speed targets (bench_kernels.check_targets): at M <= 16 on 8192x8192 int4wo >= 3.5x and int8wo
-   >= 1.85x of bf16 at >= 85% of the HBM floor; every format >= 0.95x of bf16 at M >= 1024; >= 0.97x on
-   FLUX.1-dev's shapes at M = 4608.
+   3072x15360 at M 1, 16, 4608, timed as `quantrt bench kernels` times
+   (quantrt.bench.kernels.run_kernels: weights and inputs rotated beyond L2, CUDA-graph replays, do_bench
+   medians, the measured roofline). Then the speed targets (quantrt.bench.kernels.check_targets): at M <= 16
+   on 8192x8192 int4wo >= 3.5x and int8wo >= 1.85x of bf16 at >= 85% of the HBM floor; every format >= 0.95x
+   of bf16 at M >= 1024; >= 0.97x on FLUX.1-dev's shapes at M = 4608.
 
 How the budget is shared: each step has a planned duration and a minimum (GPU_PLAN). A step may use the
 budget left minus the planned durations of the steps after it, never less than its own minimum and never
@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import itertools
 import math
 import os
@@ -57,18 +58,35 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, TextIO
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
+import triton
 
-from . import bench_common as bc
-from . import bench_kernels as bk
-from .bench_common import TargetResult
+from ..config import QuantConfig
+from ..kernels import quantize, tuning
+from ..kernels.packing import unpack_uintx
+from ..metrics import relative_error
+from ..tables import format_table
+from ..transformer import QuantizedTransformer
+from .common import (DEFAULT_REP_MS, DEFAULT_WARMUP_MS, Run, measure_roofline, pick_device, private_tuning_table,
+                     script_main, smoke_threads, stored_bytes)
+from .kernels import (BASELINE, TABLE_HEADERS, Built, Plan, ProviderSkip, build_quantrt, build_torchao, check_targets,
+                      run_kernels, table_row)
+from .kernels import Row as KernelRow
+from .report import (CsvLog, MarkdownLog, TargetResult, cell, csv_headers, device_title, dtype_name, error_text,
+                     markdown_text)
+
+# The Triton kernel modules (quantrt.kernels.matmul, autotune, int8, uintx, floatx, variants) are imported by the
+# functions that use them, never above: triton.jit decides at import whether a kernel runs in the interpreter,
+# which `enable_interpreter` turns on only once the arguments are parsed, and a kernel module that does not
+# import is what the parity step reports, not a reason for the check not to start.
 
 STEPS = ("precompile", "parity", "compile", "speed")
+KERNELS_PACKAGE = f"{__package__.rpartition('.')[0]}.kernels"  # quantrt.kernels, as this checkout is imported
 
 
 @dataclass(frozen=True)
@@ -212,7 +230,7 @@ class CheckRow:
     note: str = ""
 
 
-CSV_HEADERS = [f.name for f in fields(CheckRow)]
+CSV_HEADERS = csv_headers(CheckRow)
 
 
 @dataclass
@@ -283,39 +301,6 @@ class Budget:
         return min(max(give, self.plan[step].min_s), most)
 
 
-class MarkdownLog:
-    """A markdown file written a line at a time and flushed, like bench_common.CsvLog: a run cut short
-    leaves every table row it wrote."""
-
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self._file: TextIO = open(path, "w")
-
-    def write(self, *lines: str) -> None:
-        self._file.write("".join(line + "\n" for line in lines))
-        self._file.flush()
-
-    def table(self, headers: Sequence[str]) -> None:
-        self.write("", _md_row(headers), "|" + "|".join("---" for _ in headers) + "|")
-
-    def row(self, cells: Sequence[Any]) -> None:
-        self.write(_md_row(cells))
-
-    def close(self) -> None:
-        self._file.close()
-
-    def __enter__(self) -> MarkdownLog:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def _md_row(cells: Sequence[Any]) -> str:
-    return "| " + " | ".join(str(c).replace("|", "/").replace("\n", " ") for c in cells) + " |"
-
-
 @dataclass
 class CheckContext:
     """What every step writes to and reads from."""
@@ -323,7 +308,7 @@ class CheckContext:
     device: torch.device
     smoke: bool
     markdown: MarkdownLog
-    csv: bc.CsvLog
+    csv: CsvLog
     echo: Callable[[str], None]
     args: argparse.Namespace
     deadline: float = math.inf  # the running step's cap, on time.monotonic()
@@ -335,19 +320,16 @@ class CheckContext:
         self.csv.write(row)
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def kernel_paths() -> tuple[str, ...]:
     """The kernels' forced paths (quantrt.kernels.matmul.PATHS)."""
-    from .kernels import matmul
+    from ..kernels import matmul  # Triton kernels: imported late (note at the imports)
 
     return tuple(matmul.PATHS)
 
 
-def _interpreted() -> bool:
-    from .kernels import matmul
+def kernels_interpreted() -> bool:
+    """Whether the kernels run in Triton's interpreter (quantrt.kernels.matmul.interpreting)."""
+    from ..kernels import matmul  # Triton kernels: imported late (note at the imports)
 
     return matmul.interpreting()
 
@@ -355,23 +337,24 @@ def _interpreted() -> bool:
 def kernels_source_hash() -> str:
     """The hash of the kernels' source that keys the tuning table: which kernels these results are of."""
     try:
-        from .kernels import autotune
+        from ..kernels import autotune  # Triton kernels: imported late (note at the imports)
     except Exception as e:  # a kernel module that does not import: the parity step reports it
-        return f"unknown ({_short(e)})"
+        return f"unknown ({error_text(e)})"
     return autotune.SOURCE_HASH
 
 
 def enable_interpreter() -> None:
     """Off CUDA the kernels run in Triton's interpreter, which must be on before they are imported."""
-    if f"{__package__}.kernels.matmul" not in sys.modules:
+    if f"{KERNELS_PACKAGE}.matmul" not in sys.modules:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def kernels_unavailable_reason(device: torch.device) -> tuple[str | None, bool]:
     """(why the kernels cannot be checked here, whether that is itself a failure) or (None, False)."""
     try:
-        from .kernels import floatx, int8, uintx  # noqa: F401  (the kernel functions import)
-        from .kernels import matmul as module
+        for name in ("int8", "uintx", "floatx"):  # the modules of the kernel functions the steps call
+            importlib.import_module(f"{KERNELS_PACKAGE}.{name}")
+        from ..kernels import matmul as module  # Triton kernels: imported late (note at the imports)
     except Exception as e:  # a kernel module that does not import is what this check is for
         return f"the kernels do not import: {type(e).__name__}: {e}", True
     if device.type != "cuda" and not module.interpreting():
@@ -380,8 +363,9 @@ def kernels_unavailable_reason(device: torch.device) -> tuple[str | None, bool]:
     return None, False
 
 
-def _error_ratio(y: torch.Tensor, ref: torch.Tensor, tol: float) -> float:
-    """max |y - ref| / (tol * (1 + |ref|)); inf where y is not finite."""
+def tolerance_ratio(y: torch.Tensor, ref: torch.Tensor, tol: float) -> float:
+    """How far y is from ref against the tolerance: max |y - ref| / (tol * (1 + |ref|)), so <= 1 passes; inf
+    where y is not finite."""
     if y.numel() == 0:
         return 0.0
     y = y.double()
@@ -389,13 +373,6 @@ def _error_ratio(y: torch.Tensor, ref: torch.Tensor, tol: float) -> float:
         return math.inf
     return float(((y - ref).abs() / (tol * (1 + ref.abs()))).max())
 
-
-def _rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((y.double() - ref).norm() / ref.norm().clamp_min(1e-30))
-
-
-def _short(e: BaseException) -> str:
-    return f"{type(e).__name__}: {e}".replace("\n", " ")[:300]
 
 
 @dataclass
@@ -409,8 +386,9 @@ class QuantizedWeight:
     dequantized: torch.Tensor  # float32 [N, K]
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None, path: str | None) -> torch.Tensor:
-        # the kernel functions are looked up at call time, so that a test can swap one for a broken one
-        from .kernels import floatx, int8, uintx
+        # Triton kernels, imported late (note at the imports); their functions are looked up at call time, so
+        # that a test can swap one for a broken one
+        from ..kernels import floatx, int8, uintx
 
         c = self.case
         if c.family == "int8":
@@ -424,20 +402,18 @@ class QuantizedWeight:
 
 def quantize_case(case: FormatCase, w: torch.Tensor) -> QuantizedWeight:
     """w [N, K] in the activation dtype -> its stored format (kernels/quantize.py), scales in w's dtype."""
-    from .kernels import quantize as Q
-
     n, k = w.shape
     if case.family == "int8":
-        q, s = Q.quantize_int8(w, case.group_size)
-        return QuantizedWeight(case, q, s, None, Q.dequantize_int8(q, s))
+        q, s = quantize.quantize_int8(w, case.group_size)
+        return QuantizedWeight(case, q, s, None, quantize.dequantize_int8(q, s))
     if case.family == "uintx":
-        q, s, z = Q.quantize_uintx(w, case.bits, case.group_size)
-        return QuantizedWeight(case, q, s, z, Q.dequantize_uintx(q, s, z, case.bits, k))
+        q, s, z = quantize.quantize_uintx(w, case.bits, case.group_size)
+        return QuantizedWeight(case, q, s, z, quantize.dequantize_uintx(q, s, z, case.bits, k))
     if case.family == "floatx":
-        q, s = Q.quantize_floatx(w, case.ebits, case.mbits)
-        return QuantizedWeight(case, q, s, None, Q.dequantize_floatx(q, s, case.ebits, case.mbits, k))
-    q, s = Q.quantize_fp8(w, case.fp8, per_tensor=case.per_tensor)
-    return QuantizedWeight(case, q, s, None, Q.dequantize_fp8(q, s))
+        q, s = quantize.quantize_floatx(w, case.ebits, case.mbits)
+        return QuantizedWeight(case, q, s, None, quantize.dequantize_floatx(q, s, case.ebits, case.mbits, k))
+    q, s = quantize.quantize_fp8(w, case.fp8, per_tensor=case.per_tensor)
+    return QuantizedWeight(case, q, s, None, quantize.dequantize_fp8(q, s))
 
 
 @dataclass(frozen=True)
@@ -512,8 +488,6 @@ def parity_cases(formats: Sequence[FormatCase], plan: ParityPlan, paths: Sequenc
 def _tuning_entries(device: torch.device) -> dict[str, dict]:
     if device.type != "cuda":
         return {}
-    from .kernels import tuning
-
     return tuning.default_table().entries()
 
 
@@ -524,11 +498,11 @@ def _describe_config(config: dict) -> str:
 
 def step_precompile(ctx: CheckContext, result: StepResult) -> None:
     try:
-        from .kernels import variants
+        from ..kernels import variants  # Triton kernels: imported late (note at the imports)
     except Exception as e:  # a variants module that does not import: said, and the check goes on
-        ctx.markdown.write("", f"precompile: not available (quantrt.kernels.variants does not import: {_short(e)})")
-        ctx.record(CheckRow("precompile", status="not available", note=_short(e)))
-        result.status, result.detail = "not available", _short(e)
+        ctx.markdown.write("", f"precompile: not available (quantrt.kernels.variants does not import: {error_text(e)})")
+        ctx.record(CheckRow("precompile", status="not available", note=error_text(e)))
+        result.status, result.detail = "not available", error_text(e)
         return
     compile_all = getattr(variants, "compile_all", None)
     if compile_all is None:
@@ -537,7 +511,7 @@ def step_precompile(ctx: CheckContext, result: StepResult) -> None:
         ctx.record(CheckRow("precompile", status="not available", note=why))
         result.status, result.detail = "not available", why
         return
-    if ctx.device.type != "cuda" and _interpreted():
+    if ctx.device.type != "cuda" and kernels_interpreted():
         why = "the kernels run in Triton's interpreter here: there is nothing to compile"
         ctx.markdown.write("", f"precompile: skipped ({why}; compile_all is there)")
         ctx.record(CheckRow("precompile", status="skipped", note=why))
@@ -551,9 +525,9 @@ def step_precompile(ctx: CheckContext, result: StepResult) -> None:
         variants_done = compile_all(device=device, processes=processes)
     except Exception as e:  # reported; the kernels then compile lazily in the later steps
         wall = time.perf_counter() - start
-        ctx.markdown.write("", f"precompile: compile_all FAILED after {wall:.1f} s: {_short(e)}")
-        ctx.record(CheckRow("precompile", status="FAILED", seconds=wall, note=_short(e)))
-        result.status, result.detail = "FAILED", _short(e)
+        ctx.markdown.write("", f"precompile: compile_all FAILED after {wall:.1f} s: {error_text(e)}")
+        ctx.record(CheckRow("precompile", status="FAILED", seconds=wall, note=error_text(e)))
+        result.status, result.detail = "FAILED", error_text(e)
         return
     wall = time.perf_counter() - start
     entries = [v if isinstance(v, dict) else {"variant": repr(v)} for v in (variants_done or [])]
@@ -613,16 +587,16 @@ def step_parity(ctx: CheckContext, result: StepResult) -> None:
     ctx.markdown.write(
         "", f"N x K = {plan.n} x {plan.k}, bias, M in {', '.join(map(str, plan.ms))} first (on CUDA the M values of "
             f"the precompiled variants), then {', '.join(map(str, plan.odd_ms))} (a compile per variant), x in "
-            f"{' and '.join(_dtype_name(d) for d in plan.dtypes)}. forced: each path of the kernels' PATHS "
+            f"{' and '.join(dtype_name(d) for d in plan.dtypes)}. forced: each path of the kernels' PATHS "
             f"({', '.join(paths)}) where it applies ({ranges}); tuned: no path, {tuned_how}. Reference: "
             "x.double() @ W.double().T + bias, W the format's own dequantizer. Pass: finite and "
             "|y - ref| <= tol * (1 + |ref|); err/tol = the largest ratio (<= 1 passes); tol: "
-            + ", ".join(f"{_dtype_name(d)} {t:g}" for d, t in TOLERANCE.items() if d in plan.dtypes) + ".",
+            + ", ".join(f"{dtype_name(d)} {t:g}" for d, t in TOLERANCE.items() if d in plan.dtypes) + ".",
         *(f"- note: {n}" for n in notes))
     blocks = parity_blocks(formats, plan)
     total = sum(len(block_cases(b, plan, paths)) for b in blocks)
     ctx.markdown.write("", "Order (what a cut-short run has checked): " + "; ".join(
-        f"{b.kind} {'/'.join(_dtype_name(d) for d in b.dtypes)} M {','.join(map(str, b.ms))} "
+        f"{b.kind} {'/'.join(dtype_name(d) for d in b.dtypes)} M {','.join(map(str, b.ms))} "
         + (f"({len(b.formats)} formats, the fastest in the first block first)" if b.cheapest_first
            else f"({', '.join(f.label for f in b.formats)})" if len(b.formats) <= ODD_M_FIRST_FORMATS
            else f"({len(b.formats)} formats)") for b in blocks) + ".")
@@ -658,10 +632,10 @@ def step_parity(ctx: CheckContext, result: StepResult) -> None:
                         worst_rel = max(e for _, _, e in done)
                         unit_paths = ", ".join(dict.fromkeys(c.path or "tuned" for c in unit[:len(done)]))
                         unit_ms = ",".join(str(m) for m in dict.fromkeys(c.m for c in unit[:len(done)]))
-                        ctx.markdown.row([kind, fmt.label, _dtype_name(dtype), unit_ms, unit_paths, len(done), bad,
-                                          bc.cell(worst_ratio), bc.cell(worst_rel, 2), f"{seconds:.1f}"])
-                        ctx.echo(f"parity {kind:6} {fmt.label:16} {_dtype_name(dtype):9} M {unit_ms:12} "
-                                 f"{len(done) - bad}/{len(done)} pass, worst err/tol {bc.cell(worst_ratio)}, "
+                        ctx.markdown.row([kind, fmt.label, dtype_name(dtype), unit_ms, unit_paths, len(done), bad,
+                                          cell(worst_ratio), cell(worst_rel, 2), f"{seconds:.1f}"])
+                        ctx.echo(f"parity {kind:6} {fmt.label:16} {dtype_name(dtype):9} M {unit_ms:12} "
+                                 f"{len(done) - bad}/{len(done)} pass, worst err/tol {cell(worst_ratio)}, "
                                  f"{seconds:.1f} s")
     finally:
         _weights_cache.clear()  # the last format's weights and float64 references: GPU memory for the next steps
@@ -698,16 +672,16 @@ def _parity_case(ctx: CheckContext, plan: ParityPlan, case: ParityCase,
                       "table pick or heuristic" if ctx.device.type == "cuda" else "heuristic (off CUDA)")
         if tuple(y.shape) != tuple(ref.shape) or y.dtype != x.dtype:
             raise AssertionError(f"output {y.dtype} {tuple(y.shape)}, expected {x.dtype} {tuple(ref.shape)}")
-        ratio, rel = _error_ratio(y, ref, tol), _rel_error(y, ref)
+        ratio, rel = tolerance_ratio(y, ref, tol), relative_error(y, ref)
         ok = ratio <= 1
         why = "" if ok else ("non-finite output" if math.isinf(ratio) else f"err/tol {ratio:.3g}, rel. err {rel:.2e}")
     except Exception as e:  # a kernel that does not compile or run fails its case; the sweep goes on
-        ok, ratio, rel, why = False, math.inf, math.inf, _short(e)
+        ok, ratio, rel, why = False, math.inf, math.inf, error_text(e)
     path = case.path or "tuned"
-    ctx.record(CheckRow("parity", case.kind, case.format.label, _dtype_name(case.dtype), path, plan.n, plan.k, case.m,
+    ctx.record(CheckRow("parity", case.kind, case.format.label, dtype_name(case.dtype), path, plan.n, plan.k, case.m,
                         kernel, "ok" if ok else "FAIL", ratio, rel, note=why))
     if not ok:
-        failures.append([case.kind, case.format.label, _dtype_name(case.dtype), str(case.m), path, why])
+        failures.append([case.kind, case.format.label, dtype_name(case.dtype), str(case.m), path, why])
     return ok, ratio, rel
 
 
@@ -746,11 +720,9 @@ def _parity_weights(device: torch.device, plan: ParityPlan, case: FormatCase, dt
 
 def _kernel_names_in(code: str) -> list[str]:
     """The quantrt Triton kernels (jit functions named *kernel* in quantrt.kernels) that `code` mentions."""
-    import triton
-
     names = set()
     for name, module in list(sys.modules.items()):
-        if name.startswith(f"{__package__}.kernels.") and module is not None:
+        if name.startswith(f"{KERNELS_PACKAGE}.") and module is not None:
             names.update(attr for attr, value in vars(module).items()
                          if isinstance(value, triton.runtime.jit.JITFunction) and "kernel" in attr)
     return sorted(n for n in names if n in code)
@@ -764,7 +736,7 @@ def step_compile(ctx: CheckContext, result: StepResult) -> None:
     need_kernel = ctx.device.type == "cuda"  # off CUDA the traced op is the pure-torch reference
     ctx.markdown.write(
         "", f"torch.compile(fullgraph=True, dynamic=False, mode={mode!r}) of nn.Sequential(nn.Linear({plan.k}, "
-            f"{plan.n})) quantized with QuantConfig(scheme, backend=\"triton\"), x {_dtype_name(plan.dtype)}; one "
+            f"{plan.n})) quantized with QuantConfig(scheme, backend=\"triton\"), x {dtype_name(plan.dtype)}; one "
             "eager call first (it tunes on a miss; a trace never tunes). Pass: no graph break, one graph, "
             + ("a quantrt Triton kernel in Inductor's code, " if need_kernel else "")
             + "the compiled output within tolerance of eager and of the float64 reference (err/tol <= 1).")
@@ -778,8 +750,8 @@ def step_compile(ctx: CheckContext, result: StepResult) -> None:
             row = _compile_case(ctx, plan, scheme, m, mode, need_kernel)
             done += 1
             ctx.record(row)
-            ctx.markdown.row([scheme, m, bc.cell(row.graph_breaks), bc.cell(row.graphs), row.kernel or "-",
-                              bc.cell(row.eager_error_ratio), bc.cell(row.error_ratio), bc.cell(row.seconds),
+            ctx.markdown.row([scheme, m, cell(row.graph_breaks), cell(row.graphs), row.kernel or "-",
+                              cell(row.eager_error_ratio), cell(row.error_ratio), cell(row.seconds),
                               row.status + (f": {row.note}" if row.note else "")])
             ctx.echo(f"compile {scheme:14} M={m:<5} {row.status} {row.note}")
             if row.status != "ok":
@@ -796,13 +768,10 @@ def step_compile(ctx: CheckContext, result: StepResult) -> None:
 def _compile_case(ctx: CheckContext, plan: CompilePlan, scheme: str, m: int, mode: str,
                   need_kernel: bool) -> CheckRow:
     """One compile check, as its CSV row."""
-    from torch._dynamo.utils import counters
+    from torch._dynamo.utils import counters  # torch's compiler internals: only where a compile is checked
     from torch._inductor.utils import run_and_get_code
 
-    from .config import QuantConfig
-    from .transformer import QuantizedTransformer
-
-    row = CheckRow("compile", "torch.compile", scheme, _dtype_name(plan.dtype), "", plan.n, plan.k, m)
+    row = CheckRow("compile", "torch.compile", scheme, dtype_name(plan.dtype), "", plan.n, plan.k, m)
     tol = TOLERANCE[plan.dtype]
     try:
         torch.manual_seed(m)
@@ -823,9 +792,9 @@ def _compile_case(ctx: CheckContext, plan: CompilePlan, scheme: str, m: int, mod
         row.graphs = counters["stats"]["unique_graphs"]
         kernels = _kernel_names_in("\n".join(codes))
         row.kernel = ", ".join(kernels)
-        row.eager_error_ratio = _error_ratio(out, eager.double(), tol)
-        row.error_ratio = _error_ratio(out, ref, tol)
-        row.rel_error = _rel_error(out, ref)
+        row.eager_error_ratio = tolerance_ratio(out, eager.double(), tol)
+        row.error_ratio = tolerance_ratio(out, ref, tol)
+        row.rel_error = relative_error(out, ref)
         problems = []
         if row.graph_breaks:
             problems.append(f"{row.graph_breaks} graph breaks")
@@ -839,25 +808,23 @@ def _compile_case(ctx: CheckContext, plan: CompilePlan, scheme: str, m: int, mod
             problems.append(f"compiled vs float64 err/tol {row.error_ratio:.3g}")
         row.status, row.note = ("FAIL", "; ".join(problems)) if problems else ("ok", "")
     except Exception as e:  # a graph break under fullgraph=True raises; so does a kernel that fails
-        row.status, row.note = "FAIL", _short(e)
+        row.status, row.note = "FAIL", error_text(e)
     return row
 
 
-def build_torch_int4(layers: list, device: torch.device) -> bk.Built:
+def build_torch_int4(layers: list, device: torch.device) -> Built:
     """torch's own int4 kernel (tinygemm: torch._weight_int4pack_mm on CUDA, its _for_cpu twin off CUDA)
     from quantrt's int4 codes. tinygemm computes w = (q - 8) * scale + offset per group; quantrt stores
     w = (q - zero) * scale, so offset = (8 - zero) * scale."""
     scheme = layers[0].scheme
     if scheme.weight != "uintx" or scheme.bits != 4:
-        raise bk.ProviderSkip("torch's int4 kernel serves 4-bit integer weights only")
+        raise ProviderSkip("torch's int4 kernel serves 4-bit integer weights only")
     if scheme.group_size not in (32, 64, 128, 256):
-        raise bk.ProviderSkip(f"torch's int4 kernel takes groups of 32, 64, 128 or 256, not {scheme.group_size}")
-    from .kernels.packing import unpack_uintx
-
+        raise ProviderSkip(f"torch's int4 kernel takes groups of 32, 64, 128 or 256, not {scheme.group_size}")
     inner_k_tiles = 8  # tinygemm's tile of K: 8 x 16 codes; K must be a multiple of 128
     k = layers[0].in_features
     if k % (inner_k_tiles * 16):
-        raise bk.ProviderSkip(f"torch's int4 kernel needs K % {inner_k_tiles * 16} == 0, K is {k}")
+        raise ProviderSkip(f"torch's int4 kernel needs K % {inner_k_tiles * 16} == 0, K is {k}")
     calls = []
     try:
         for layer in layers:
@@ -875,41 +842,41 @@ def build_torch_int4(layers: list, device: torch.device) -> bk.Built:
             calls.append(lambda x, p=packed, sz=scales_and_offsets, mm=mm, g=scheme.group_size: mm(x, p, g, sz))
         calls[0](torch.randn(1, k, device=device, dtype=torch.bfloat16))  # fails here rather than at every point
     except Exception as e:  # an op missing from this torch build, or one that rejects the layout
-        raise bk.ProviderSkip(f"torch's int4 kernel does not run here: {_short(e)}") from e
-    stored = bc.stored_bytes(packed) + bc.stored_bytes(scales_and_offsets)
+        raise ProviderSkip(f"torch's int4 kernel does not run here: {error_text(e)}") from e
+    stored = stored_bytes(packed) + stored_bytes(scales_and_offsets)
     name = "torch._weight_int4pack_mm" if device.type == "cuda" else "torch._weight_int4pack_mm_for_cpu"
-    return bk.Built(calls, f"{name} (tinygemm)", stored)
+    return Built(calls, f"{name} (tinygemm)", stored)
 
 
-def _build_torchao(layers: list, device: torch.device) -> bk.Built:
+def _build_torchao(layers: list, device: torch.device) -> Built:
     if layers[0].scheme.weight == "uintx":
-        raise bk.ProviderSkip("this check times torchao for int8 and fp8; int4 is torch's own int4 kernel (torch-int4)")
-    return bk.build_torchao(layers, device)
+        raise ProviderSkip("this check times torchao for int8 and fp8; int4 is torch's own int4 kernel (torch-int4)")
+    return build_torchao(layers, device)
 
 
-SPEED_BUILDERS = {"quantrt": bk.build_quantrt, "torchao": _build_torchao, "torch-int4": build_torch_int4}
+SPEED_BUILDERS = {"quantrt": build_quantrt, "torchao": _build_torchao, "torch-int4": build_torch_int4}
 
 
 def step_speed(ctx: CheckContext, result: StepResult) -> None:
     plan = SMOKE_SPEED if ctx.smoke else GPU_SPEED
-    roofline = bc.measure_roofline(ctx.device)
+    roofline = measure_roofline(ctx.device)
     ctx.echo(roofline.describe())
     ctx.markdown.write(
         "", f"- {roofline.describe()}",
-        f"- formats {', '.join(SPEED_FORMATS)} (quantrt: the op's tuned pick); providers {bk.BASELINE}, "
+        f"- formats {', '.join(SPEED_FORMATS)} (quantrt: the op's tuned pick); providers {BASELINE}, "
         f"{', '.join(SPEED_PROVIDERS)}; shapes (N x K) {', '.join(f'{n}x{k}' for n, k in plan.shapes)}; "
         f"M {', '.join(map(str, plan.ms))}; x bf16, no bias",
-        "- method as in `quantrt bench kernels` (bench_kernels.run_kernels): each call touches its own copy of W and x "
-        "(copies beyond twice the L2 cache), the calls captured in a CUDA graph whose replay do_bench times "
-        "(median; 'launch' where capture failed; 'cpu' off CUDA); floor = max(bytes / bandwidth, 2MNK / matmul "
-        f"rate); rel. err against x @ W^T in float32: quantrt's rows fail above {SPEED_REL_ERROR:.0%}, a peer's row "
-        "above that is wired wrongly and its time means nothing")
-    ctx.markdown.table(bk.TABLE_HEADERS)
-    rows: list[bk.Row] = []
+        "- method as in `quantrt bench kernels` (quantrt.bench.kernels.run_kernels): each call touches its own "
+        "copy of W and x (copies beyond twice the L2 cache), the calls captured in a CUDA graph whose replay "
+        "do_bench times (median; 'launch' where capture failed; 'cpu' off CUDA); floor = max(bytes / bandwidth, "
+        f"2MNK / matmul rate); rel. err against x @ W^T in float32: quantrt's rows fail above {SPEED_REL_ERROR:.0%}, "
+        "a peer's row above that is wired wrongly and its time means nothing")
+    ctx.markdown.table(TABLE_HEADERS)
+    rows: list[KernelRow] = []
 
-    def on_row(row: bk.Row) -> None:
+    def on_row(row: KernelRow) -> None:
         rows.append(row)
-        wrong = row.rel_error is not None and row.rel_error > SPEED_REL_ERROR and row.provider != bk.BASELINE
+        wrong = row.rel_error is not None and row.rel_error > SPEED_REL_ERROR and row.provider != BASELINE
         if wrong:
             row.note = (row.note + "; " if row.note else "") + f"WRONG OUTPUT: rel. err {row.rel_error:.2e}"
             if row.provider == "quantrt":
@@ -921,7 +888,7 @@ def step_speed(ctx: CheckContext, result: StepResult) -> None:
                             rel_error=row.rel_error, ms=row.ms, tflops=row.tflops, gbps=row.gbps,
                             speedup=row.speedup, floor_fraction=row.floor_fraction, hbm_fraction=row.hbm_fraction,
                             timing=row.timing, note=row.note))
-        ctx.markdown.row(bk._table_row(row))
+        ctx.markdown.row(table_row(row))
         if ctx.out_of_time():
             raise StepTimeout("time cap reached")
 
@@ -930,11 +897,11 @@ def step_speed(ctx: CheckContext, result: StepResult) -> None:
         for shape in plan.shapes:
             if ctx.out_of_time():
                 break
-            bk.run_kernels(bk.Plan(SPEED_FORMATS, (shape,), plan.ms, SPEED_PROVIDERS), ctx.device, roofline,
+            run_kernels(Plan(SPEED_FORMATS, (shape,), plan.ms, SPEED_PROVIDERS), ctx.device, roofline,
                            ctx.echo, ctx.args.warmup_ms, ctx.args.rep_ms, on_row=on_row, builders=SPEED_BUILDERS)
             shapes_done += 1
     finally:
-        targets = bk.check_targets(rows, small_m_shapes=plan.target_shapes)
+        targets = check_targets(rows, small_m_shapes=plan.target_shapes)
         ctx.markdown.write("", "### Speed targets (quantrt; reported, not failed)")
         ctx.markdown.table(["target", "status", "detail"])
         for target in targets:
@@ -983,7 +950,7 @@ def run_step(name: str, ctx: CheckContext, budget: Budget) -> StepResult:
         result.detail = f"{result.detail}; " * bool(result.detail) + f"stopped at its time cap ({e})"
         ctx.markdown.write("", f"**{name} cut short**: {e} (cap {cap:.0f} s).")
     except Exception as e:  # a bug or a broken device: the later steps still run
-        detail = _short(e)
+        detail = error_text(e)
         result.status = "FAILED"
         result.detail = f"{result.detail}; " * bool(result.detail) + f"error: {detail}"
         ctx.markdown.write("", f"**{name} FAILED with an error**: {detail}", "", "```",
@@ -1035,8 +1002,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                      "folder for a CPU smoke run)")
     parser.add_argument("--tuning-file", type=Path,
                         help="quantrt's tuning table to read and fill (default: a fresh temporary one)")
-    parser.add_argument("--warmup-ms", type=int, default=bc.DEFAULT_WARMUP_MS, help="do_bench warmup (ms), speed step")
-    parser.add_argument("--rep-ms", type=int, default=bc.DEFAULT_REP_MS, help="do_bench repetition time (ms), "
+    parser.add_argument("--warmup-ms", type=int, default=DEFAULT_WARMUP_MS, help="do_bench warmup (ms), speed step")
+    parser.add_argument("--rep-ms", type=int, default=DEFAULT_REP_MS, help="do_bench repetition time (ms), "
                                                                              "speed step")
 
 
@@ -1046,19 +1013,19 @@ def run(args: argparse.Namespace, prog: str, argv: Sequence[str], echo: Callable
     started = time.monotonic()
     steps = _parse_steps(args.steps)  # bad arguments fail before anything is written
     args.parity_formats = _parse_formats(args.formats)
-    device = bc.pick_device(args.cpu_smoke, echo)
+    device = pick_device(args.cpu_smoke, echo)
     smoke = device.type != "cuda"
     if smoke:
         enable_interpreter()
-    run_info = bc.Run.create("check", device, prog, argv, args.out_dir)
+    run_info = Run.create("check", device, prog, argv, args.out_dir)
     plan = SMOKE_PLAN if smoke else GPU_PLAN
     budget = Budget(args.budget_s, plan, steps, started)
     stem = run_info.stem
     results: list[StepResult] = []
-    with (bc.smoke_threads(smoke), bc.private_tuning_table(device, args.tuning_file) as tuning_path,
-          bc.CsvLog(stem.with_suffix(".csv"), CSV_HEADERS) as csv_log, MarkdownLog(stem.with_suffix(".md")) as md):
+    with (smoke_threads(smoke), private_tuning_table(device, args.tuning_file) as tuning_path,
+          CsvLog(stem.with_suffix(".csv"), CSV_HEADERS) as csv_log, MarkdownLog(stem.with_suffix(".md")) as md):
         echo(f"writing {md.path} and {csv_log.path} as the check goes")
-        md.write(*run_info.header_lines(f"quantrt GPU check on {bc.describe_device(device).split(',')[0]}"))
+        md.write(*run_info.header_lines(f"quantrt GPU check on {device_title(device)}"))
         md.write(f"- kernels source hash: {kernels_source_hash()}; paths: {', '.join(_safe(kernel_paths))}",
                  f"- quantrt tuning table: {tuning_path or 'none (nothing is tuned off CUDA)'}",
                  f"- budget {args.budget_s:.0f} s from the start of the run; steps "
@@ -1079,14 +1046,13 @@ def _safe(fn: Callable[[], Sequence[str]]) -> Sequence[str]:
     try:
         return fn()
     except Exception as e:  # the kernels may not import mid-rewrite; the parity step reports it
-        return [f"unknown ({_short(e)})"]
+        return [f"unknown ({error_text(e)})"]
 
 
 def _summary_lines(results: list[StepResult], failures: list[str], seconds: float) -> list[str]:
-    lines = ["| step | status | seconds | cap s | detail |", "|---|---|---|---|---|"]
-    for r in results:
-        lines.append(_md_row([r.name, r.status, f"{r.seconds:.0f}", "-" if r.cap_s is None else f"{r.cap_s:.0f}",
-                              r.detail]))
+    lines = format_table(["step", "status", "seconds", "cap s", "detail"],
+                         [[r.name, r.status, f"{r.seconds:.0f}", "-" if r.cap_s is None else f"{r.cap_s:.0f}",
+                           markdown_text(r.detail)] for r in results]).splitlines()
     for r in results:
         for target in r.targets:
             lines.append(f"- target: {target.status}: {target.target} ({target.detail})")
@@ -1099,7 +1065,8 @@ def _summary_lines(results: list[StepResult], failures: list[str], seconds: floa
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python benchmarks/gpu_check.py") -> int:
-    return bc.script_main(sys.modules[__name__], argv, prog)
+    """`python benchmarks/gpu_check.py`: the same as `quantrt bench check`."""
+    return script_main(sys.modules[__name__], argv, prog)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""`quantrt bench compile`: cold compile against a warm start from the compile cache.
+"""`quantrt bench compile` (`python benchmarks/bench_compile.py`): cold compile against a warm start from the
+compile cache.
 
 Each measurement is its own process, as in a deployment: a cold run (`quantrt warmup` into an empty cache
 folder) and then a warm run (`quantrt warmup --check`, a fresh process that loads the entry). Reported per
@@ -23,10 +24,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import bench_common as bc
-from .bench_common import Run, cell, pick_device, write_csv, write_text
-from .models import FLUX_TOKENS
-from .tables import format_table
+from ..models import FLUX_TOKENS
+from ..tables import format_table
+from .common import Run, pick_device, script_main
+from .report import cell, write_csv, write_text
 
 TARGETS = {"tiny": 0.20, "full": 0.10}
 HEADERS = ["model", "scheme", "mode", "regional", "shapes", "cold compile s", "warm compile s", "warm/cold",
@@ -35,7 +36,7 @@ HEADERS = ["model", "scheme", "mode", "regional", "shapes", "cold compile s", "w
 
 def warmup_process(args: list[str], report: Path) -> tuple[dict, float]:
     """Run `quantrt warmup ARGS --json REPORT` in a fresh process; its JSON report and wall seconds."""
-    command = [sys.executable, "-m", "quantrt.cli", "warmup", *args, "--json", str(report)]
+    command = [sys.executable, "-m", "quantrt", "warmup", *args, "--json", str(report)]
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
     seconds = time.perf_counter() - start
@@ -48,6 +49,7 @@ def warmup_process(args: list[str], report: Path) -> tuple[dict, float]:
 
 def measure(size: str, scheme: str, mode: str, regional: bool, shapes: list[str], device: torch.device,
             dtype: str, backend: str) -> list[object]:
+    """One configuration, cold then warm, as its row of the table (HEADERS)."""
     with tempfile.TemporaryDirectory(prefix="quantrt-bench-compile-") as tmp:
         args = ["--size", size, "--scheme", scheme, "--mode", mode, "--device", device.type, "--dtype", dtype,
                 "--backend", backend, "--cache-dir", str(Path(tmp) / "cache")]
@@ -86,6 +88,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 @dataclass
 class Outputs:
+    """What a `bench compile` run wrote and measured."""
+
     markdown: Path
     csv: Path
     rows: list[list[object]]
@@ -94,7 +98,6 @@ class Outputs:
 
 def run(args: argparse.Namespace, prog: str, argv: Sequence[str], echo: Callable[[str], None] = print) -> Outputs:
     """Measure each configuration `args` asks for and write the markdown table and the CSV."""
-
     device = pick_device(args.cpu_smoke, echo)
     run_info = Run.create("compile", device, prog, argv, args.out_dir)
     sizes = [s.strip() for s in (args.sizes or ("tiny,full" if device.type == "cuda" else "tiny")).split(",")]
@@ -125,7 +128,8 @@ def run(args: argparse.Namespace, prog: str, argv: Sequence[str], echo: Callable
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python benchmarks/bench_compile.py") -> int:
-    return bc.script_main(sys.modules[__name__], argv, prog)
+    """`python benchmarks/bench_compile.py`: the same as `quantrt bench compile`."""
+    return script_main(sys.modules[__name__], argv, prog)
 
 
 if __name__ == "__main__":

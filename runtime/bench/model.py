@@ -47,23 +47,26 @@ import importlib.util
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
 
-from . import bench_common as bc
-from .autoquant import autoquant
-from .bench_common import Outputs, TargetResult
-from .compile import repeated_blocks
-from .config import AUTOQUANT_MAX_ERROR, QuantConfig
-from .metrics import relative_error
-from .models import FLUX_SIZES, FLUX_TOKENS, LLM_SIZES, build_flux, build_llm, flux_inputs
-from .schemes import Scheme, resolve_scheme
-from .tables import format_table
-from .transformer import QuantizedTransformer
+from ..backends.torchao import TorchaoCannotServe, torchao_config, torchao_version
+from ..calibrate import calibrate
+from ..compile import repeated_blocks
+from ..config import AUTOQUANT_MAX_ERROR, QuantConfig
+from ..metrics import relative_error
+from ..models import FLUX_SIZES, FLUX_TOKENS, LLM_SIZES, build_flux, build_llm, flux_inputs
+from ..schemes import Scheme, resolve_scheme
+from ..tables import format_table
+from ..transformer import QuantizedTransformer, autoquant
+from .common import (Outputs, Run, median_ms, pick_device, private_tuning_table, script_main, smoke_threads,
+                     stored_bytes, synchronize)
+from .report import (PLOT_MISSING, CsvLog, TargetResult, cell, csv_headers, device_title, dtype_name, failed_note,
+                     note_cell, pyplot, targets_table, write_text)
 
 MODELS = ("flux", "llm")
 SCHEMES = ("int8wo", "int4wo", "uint3wo", "float8wo_e4m3", "float8wo_e5m2", "fp6_e3m2")
@@ -110,7 +113,7 @@ class Row:
     note: str = ""
 
 
-CSV_HEADERS = [f.name for f in fields(Row)]
+CSV_HEADERS = csv_headers(Row)
 TABLE_HEADERS = ["model", "scheme", "provider", "backends / config", "eager ms", "compiled ms", "eager speed-up",
                  "compiled speed-up", "peak GB eager", "peak GB compiled", "weight GB", "rel. err eager",
                  "rel. err compiled", "compile s", "note"]
@@ -132,11 +135,12 @@ class AutoquantOptions:
         return self.stem.with_name(f"{self.stem.name}-{model}-{AUTOQUANT}-plan.json")
 
 
-def _table_row(r: Row) -> list[str]:
-    return [r.model, r.scheme, r.provider, r.detail or "-", bc.cell(r.eager_ms, 4), bc.cell(r.compiled_ms, 4),
-            bc.cell(r.eager_speedup), bc.cell(r.compiled_speedup), bc.cell(r.peak_eager_gb),
-            bc.cell(r.peak_compiled_gb), bc.cell(r.weight_gb), bc.cell(r.error_eager, 2),
-            bc.cell(r.error_compiled, 2), bc.cell(r.compile_s), r.note.replace("|", "/") or "-"]
+def table_row(r: Row) -> list[str]:
+    """A row of the "Results" table (TABLE_HEADERS)."""
+    return [r.model, r.scheme, r.provider, r.detail or "-", cell(r.eager_ms, 4), cell(r.compiled_ms, 4),
+            cell(r.eager_speedup), cell(r.compiled_speedup), cell(r.peak_eager_gb), cell(r.peak_compiled_gb),
+            cell(r.weight_gb), cell(r.error_eager, 2), cell(r.error_compiled, 2), cell(r.compile_s),
+            note_cell(r.note)]
 
 
 def flux_case(size: str, device: torch.device, dtype: torch.dtype) -> ModelCase:
@@ -167,8 +171,6 @@ def _quantize_quantrt(model: nn.Module, scheme: Scheme, inputs: dict) -> tuple[n
     qt = QuantizedTransformer.from_model(model, QuantConfig(scheme.name, group_size=scheme.group_size),
                                          progress=False)
     if scheme.activation == "fp8_static":
-        from .calibrate import calibrate
-
         calibrate(qt, [inputs])
     used = Counter(r.backend for r in qt.summary() if r.quantized)
     kept = sum(not r.quantized for r in qt.summary())
@@ -204,17 +206,15 @@ def _autoquant_model(case: ModelCase, inputs: dict[str, Any], options: Autoquant
 def _quantize_torchao(model: nn.Module, scheme: Scheme, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, str]:
     """torchao's own quantize_ with the config quantrt maps `scheme` onto, on the layers the scheme can store
     (the layers quantrt quantizes too)."""
-    from .backends import torchao as ao
-
     try:
-        config = ao.torchao_config(scheme, device, dtype)
-        quantize_ = ao._quantization_module().quantize_
-    except ao.TorchaoCannotServe as e:
+        config = torchao_config(scheme, device, dtype)  # imports torchao.quantization, or says why it cannot
+    except TorchaoCannotServe as e:
         raise ModelSkip(str(e)) from e
+    from torchao.quantization import quantize_  # optional and seconds to import; loaded by now
     names = {name for name, module in model.named_modules()
              if type(module) is nn.Linear and scheme.unsupported_reason(module.out_features, module.in_features) is None}
     quantize_(model, config, filter_fn=lambda module, fqn: fqn in names)
-    return model, f"torchao {ao.torchao_version()} {type(config).__name__} x{len(names)}"
+    return model, f"torchao {torchao_version()} {type(config).__name__} x{len(names)}"
 
 
 def _regional_compile(model: nn.Module, mode: str) -> int:
@@ -243,14 +243,14 @@ def _reset_peak(device: torch.device) -> None:
 def measure(row: Row, case: ModelCase, model: nn.Module, inputs: dict[str, Any], device: torch.device,
             reference: torch.Tensor | None, repeats: int, compile_mode: str | None, regional: bool) -> torch.Tensor:
     """Fill `row` with eager (and, where `compile_mode` is set, compiled) numbers; returns the eager output."""
-    row.weight_gb = bc.stored_bytes(model) / 1e9
+    row.weight_gb = stored_bytes(model) / 1e9
 
     def forward(module: nn.Module) -> torch.Tensor:
         return case.output(module(**inputs))
 
     _reset_peak(device)
     eager_out = forward(model).clone()
-    row.eager_ms = bc.median_ms(lambda: forward(model), device, warmup=0, repeats=repeats)
+    row.eager_ms = median_ms(lambda: forward(model), device, warmup=0, repeats=repeats)
     row.peak_eager_gb = _peak_gb(device)
     if reference is not None:
         row.error_eager = relative_error(eager_out, reference)
@@ -269,10 +269,10 @@ def measure(row: Row, case: ModelCase, model: nn.Module, inputs: dict[str, Any],
 
     start = time.perf_counter()
     compiled_out = compiled_forward().clone()
-    bc.synchronize(device)
+    synchronize(device)
     row.compile_s = time.perf_counter() - start
     _reset_peak(device)
-    row.compiled_ms = bc.median_ms(compiled_forward, device, warmup=1, repeats=repeats)
+    row.compiled_ms = median_ms(compiled_forward, device, warmup=1, repeats=repeats)
     row.peak_compiled_gb = _peak_gb(device)
     row.error_compiled = relative_error(compiled_out, reference if reference is not None else eager_out)
     return eager_out
@@ -292,14 +292,14 @@ def run_case(case: ModelCase, schemes: Sequence[str], providers: Sequence[str], 
     """bf16 first (its eager output is the reference), then each (scheme, provider) on a fresh model, then
     (with `autoquant_options`) the autoquant row. `on_row` sees each row as soon as it is final."""
     echo(f"{case.name}: {case.description}")
-    base = Row(case.name, BASELINE, "torch", detail=f"{str(dtype).removeprefix('torch.')}, unquantized")
+    base = Row(case.name, BASELINE, "torch", detail=f"{dtype_name(dtype)}, unquantized")
     model = None
     try:
         model = case.build()
         inputs = case.make_inputs(model)
         reference = measure(base, case, model, inputs, device, None, repeats, compile_mode, regional)
     except Exception as e:  # without the bf16 reference there is nothing to compare with: next model
-        base.note = f"FAILED: {type(e).__name__}: {e}"[:300]
+        base.note = failed_note(e)
         echo(f"  {BASELINE}: {base.note}")
         on_row(base)
         return [base]
@@ -352,7 +352,7 @@ def _timed_row(row: Row, quantized: Callable[[], nn.Module], case: ModelCase, in
     except ModelSkip as e:
         row.note = f"skipped: {e}"
     except Exception as e:  # one failing (scheme, provider) is reported, the run goes on
-        row.note = f"FAILED: {type(e).__name__}: {e}"[:300]
+        row.note = failed_note(e)
     finally:
         del model
         _release(device)
@@ -404,7 +404,7 @@ def autoquant_comparison(auto: Row, fixed: Sequence[Row]) -> TargetResult:
 
     def point(r: Row, compiled: bool) -> str:
         ms, error = (r.compiled_ms, r.error_compiled) if compiled else (r.eager_ms, r.error_eager)
-        return f"{r.scheme} {bc.cell(ms, 4)} ms err {'-' if error is None else f'{error:.2%}'}"
+        return f"{r.scheme} {cell(ms, 4)} ms err {'-' if error is None else f'{error:.2%}'}"
 
     if auto.eager_ms is None:
         return TargetResult(text, "not measured", f"autoquant row: {auto.note or 'not timed'}")
@@ -427,7 +427,7 @@ def autoquant_comparison(auto: Row, fixed: Sequence[Row]) -> TargetResult:
 def plot_speedups(rows: Sequence[Row], path: Path, title: str) -> Path | None:
     """Bars of the speed-up over bf16 per scheme and provider (compiled where measured, else eager), one
     panel per model. None when matplotlib is missing."""
-    plt = bc.pyplot()
+    plt = pyplot()
     if plt is None:
         return None
     models = list(dict.fromkeys(r.model for r in rows))
@@ -533,7 +533,7 @@ def _autoquant_candidates(args: argparse.Namespace, schemes: Sequence[str], smok
 
 def run(args: argparse.Namespace, prog: str, argv: Sequence[str], echo: Callable[[str], None] = print) -> Outputs[Row]:
     """Run the model benchmark as `args` say and write its markdown, CSV and PNG."""
-    device = bc.pick_device(args.cpu_smoke, echo)
+    device = pick_device(args.cpu_smoke, echo)
     smoke = device.type != "cuda"
     models = _names(args.models, MODELS, "models")  # bad arguments fail before anything is written
     providers = _names(args.providers, PROVIDERS, "providers")
@@ -542,7 +542,7 @@ def run(args: argparse.Namespace, prog: str, argv: Sequence[str], echo: Callable
     if args.llm_tokens < 1 or args.llm_batch < 1:
         raise ValueError("--llm-tokens and --llm-batch must be at least 1")
     candidates = _autoquant_candidates(args, schemes, smoke) if args.autoquant else None
-    run_info = bc.Run.create("model", device, prog, argv, args.out_dir)
+    run_info = Run.create("model", device, prog, argv, args.out_dir)
     dtype = torch.bfloat16
     repeats = args.repeats or (1 if smoke else 10)
     compile_mode = args.compile_mode if (args.compile if args.compile is not None else not smoke) else None
@@ -553,8 +553,8 @@ def run(args: argparse.Namespace, prog: str, argv: Sequence[str], echo: Callable
     stem = run_info.stem
     autoquant_options = (AutoquantOptions(candidates, args.autoquant_max_error, stem, repeats=1 if smoke else 5,
                                           progress=False if smoke else None) if args.autoquant else None)
-    with (bc.smoke_threads(smoke), bc.private_tuning_table(device, args.tuning_file) as tuning,
-          bc.CsvLog(stem.with_suffix(".csv"), CSV_HEADERS) as csv_log):
+    with (smoke_threads(smoke), private_tuning_table(device, args.tuning_file) as tuning,
+          CsvLog(stem.with_suffix(".csv"), CSV_HEADERS) as csv_log):
         echo(f"writing {csv_log.path} as models are measured")
         for name in models:
             try:
@@ -570,7 +570,7 @@ def run(args: argparse.Namespace, prog: str, argv: Sequence[str], echo: Callable
             rows += run_case(case, schemes, providers, device, dtype, repeats, compile_mode, args.regional, echo,
                              csv_log.write, autoquant_options)
     targets = check_targets(rows)
-    where = bc.describe_device(device).split(",")[0]
+    where = device_title(device)
     plot = plot_speedups(rows, stem.with_suffix(".png"), f"quantrt end to end on {where}: speed-up over bf16")
     compiled = ("not compiled" if compile_mode is None else
                 f"torch.compile(fullgraph=True, mode={compile_mode!r})" + (", regional (repeated blocks)"
@@ -588,20 +588,21 @@ def run(args: argparse.Namespace, prog: str, argv: Sequence[str], echo: Callable
                                  f"layer (relative L2 error of its output on the timed inputs), objective speed"
                                  if candidates else "off (--no-autoquant)"),
               "", "## Targets", "",
-              format_table(["target", "status", "detail"], [[t.target, t.status, t.detail] for t in targets]),
+              targets_table(targets),
               "", "## Results", "",
-              format_table(TABLE_HEADERS, [_table_row(r) for r in rows]),
+              format_table(TABLE_HEADERS, [table_row(r) for r in rows]),
               *autoquant_lines(rows, autoquant_options),
-              "", f"Plot: `{plot.name}`" if plot else f"Plot: none, {bc.PLOT_MISSING}"]
-    markdown = bc.write_text(stem.with_suffix(".md"), lines)
+              "", f"Plot: `{plot.name}`" if plot else f"Plot: none, {PLOT_MISSING}"]
+    markdown = write_text(stem.with_suffix(".md"), lines)
     csv_path = csv_log.path
-    echo("\n" + format_table(TABLE_HEADERS, [_table_row(r) for r in rows]))
-    echo("\n" + format_table(["target", "status", "detail"], [[t.target, t.status, t.detail] for t in targets]))
+    echo("\n" + format_table(TABLE_HEADERS, [table_row(r) for r in rows]))
+    echo("\n" + targets_table(targets))
     if plot is None:
-        echo(bc.PLOT_MISSING)
+        echo(PLOT_MISSING)
     echo(f"wrote {markdown}, {csv_path}" + (f", {plot}" if plot else ""))
     return Outputs(markdown, csv_path, plot, rows, targets)
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python benchmarks/bench_transformer.py") -> int:
-    return bc.script_main(sys.modules[__name__], argv, prog)
+    """`python benchmarks/bench_transformer.py`: the same as `quantrt bench model`."""
+    return script_main(sys.modules[__name__], argv, prog)

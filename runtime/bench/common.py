@@ -1,7 +1,7 @@
-"""What the benchmarks share (`quantrt bench kernels`, `quantrt bench model`): the run's device and
-versions, timing (triton.testing.do_bench on CUDA, a perf_counter median on CPU), the measured HBM
-bandwidth and matmul rate that the floors are counted against, byte counting of quantized tensors of
-any library, and the result files (markdown, CSV, PNG).
+"""What the benchmarks of `quantrt bench` share besides their result files (quantrt.bench.report): the
+run's device and where its files go, timing (triton.testing.do_bench on CUDA, a perf_counter median on
+CPU), the measured HBM bandwidth and matmul rate that the floors are counted against, byte counting of
+quantized tensors of any library, and the `main` of a benchmark script.
 
 Results land in `<out-dir>/<UTC date-time>-<device>-<benchmark>.{md,csv,png}`; `--out-dir` defaults to
 `benchmarks/results` under the working directory (a run from the checkout puts them next to the
@@ -11,44 +11,33 @@ never litters the results folder with CPU numbers that say nothing about GPUs.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
-import csv
 import datetime
-import importlib.metadata
 import math
 import os
-import platform
 import re
 import shlex
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable, Generic, Sequence, TypeVar
 
 import torch
 import torch.nn as nn
 
-from .cli import quiet_library_logs
+from ..cli import quiet_library_logs
+from .report import TargetResult, header_lines
 
-DISTRIBUTIONS = ("quantrt", "torch", "triton", "torchao", "optimum-quanto", "gemlite", "diffusers", "transformers",
-                 "accelerate", "matplotlib")
-ENVIRONMENT_VARIABLES = ("TRITON_INTERPRET", "QUANTRT_BACKEND", "QUANTRT_AUTOTUNE", "QUANTRT_TUNING_FILE",
-                         "QUANTRT_CACHE_DIR", "CUDA_VISIBLE_DEVICES")
 # do_bench's warmup and repetition times per point (ms): short enough for sweeps of thousands of points,
 # long enough for a stable median
 DEFAULT_WARMUP_MS = 25
 DEFAULT_REP_MS = 100
 CPU_REPEATS = 3
-
-
-def distribution_version(name: str) -> str | None:
-    """The installed version of a distribution, or None."""
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def device_label(device: torch.device) -> str:
@@ -96,29 +85,8 @@ class Run:
         return self.out_dir / f"{self.started:%Y-%m-%d-%H%M%S}-{device_label(self.device)}-{self.benchmark}{suffix}"
 
     def header_lines(self, title: str) -> list[str]:
-        """The markdown head of a results file: title, date, command, device, versions, environment."""
-        lines = [f"# {title}", "",
-                 f"- date: {self.started:%Y-%m-%d %H:%M} UTC",
-                 f"- command: `{self.command}`",
-                 f"- device: {describe_device(self.device)}"]
-        if self.smoke:
-            lines.append("- **CPU smoke run**: small shapes and a CPU timer; it checks that the benchmark works, "
-                         "its numbers say nothing about GPUs")
-        versions = ", ".join(f"{name} {distribution_version(name) or 'not installed'}" for name in DISTRIBUTIONS)
-        lines.append(f"- python {platform.python_version()}, {versions}")
-        if self.device.type == "cuda":
-            lines.append(f"- CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}")
-        lines.append("- environment: " + ", ".join(f"{v}={os.environ.get(v, '(unset)')}" for v in ENVIRONMENT_VARIABLES))
-        return lines
-
-
-@dataclass
-class TargetResult:
-    """One of a benchmark's speed targets and whether this run met it."""
-
-    target: str
-    status: str  # "met", "NOT met", "not measured"
-    detail: str
+        """The markdown head of this run's results file (quantrt.bench.report.header_lines)."""
+        return header_lines(title, self.started, self.command, self.device, self.smoke)
 
 
 RowT = TypeVar("RowT")
@@ -175,15 +143,6 @@ def private_tuning_table(device: torch.device, path: Path | None):
             os.environ["QUANTRT_TUNING_FILE"] = previous
 
 
-def describe_device(device: torch.device) -> str:
-    if device.type != "cuda":
-        return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
-    props = torch.cuda.get_device_properties(device)
-    l2 = getattr(props, "L2_cache_size", 0)
-    return (f"{props.name}, {props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB, "
-            f"compute capability {props.major}.{props.minor}, L2 {l2 / 2**20:.0f} MiB")
-
-
 def l2_bytes(device: torch.device) -> int:
     """The device's L2 cache in bytes (0 off CUDA)."""
     if device.type != "cuda":
@@ -192,6 +151,7 @@ def l2_bytes(device: torch.device) -> int:
 
 
 def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (nothing off CUDA)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -239,7 +199,8 @@ def time_rotated(calls: Sequence[Callable[[], Any]], device: torch.device, warmu
 
     if device.type != "cuda":
         return median_ms(run_all, device) / len(calls), "cpu"
-    import triton.testing
+    import triton.testing  # CUDA only: the timer of do_bench
+
 
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
@@ -284,7 +245,7 @@ def measure_roofline(device: torch.device, dtype: torch.dtype = torch.bfloat16) 
     matmul rate by an 8192^3 `dtype` torch.mm (cuBLAS), both by do_bench medians; off CUDA a 64 MiB copy
     and a 512^3 matmul with the CPU timer (numbers for the smoke run's arithmetic only)."""
     if device.type == "cuda":
-        import triton.testing
+        import triton.testing  # CUDA only: the timer of do_bench
 
         src = torch.empty(2**30, dtype=torch.uint8, device=device).random_()
         dst = torch.empty_like(src)
@@ -337,82 +298,13 @@ def stored_bytes(obj: Any) -> int:
 
 
 def geometric_mean(values: Sequence[float]) -> float:
+    """The geometric mean of the positive, finite values (NaN when there are none)."""
     values = [v for v in values if v > 0 and math.isfinite(v)]
     return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
 
 
-def cell(value: Any, digits: int = 3) -> str:
-    """A table cell: '-' for missing values, floats to `digits` significant digits."""
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}g}" if abs(value) < 10**digits else f"{value:,.0f}"
-    return str(value)
-
-
-def write_csv(path: Path, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path:
-    """All rows at once (lists of values in `headers`' order; None is written as an empty cell)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(headers)
-        writer.writerows([["" if v is None else v for v in row] for row in rows])
-    return path
-
-
-class CsvLog:
-    """A CSV file written a row at a time and flushed, so that a run cut short (a time limit, a crashed GPU)
-    still leaves every point it measured. Rows are dataclass instances with the fields of `headers`."""
-
-    def __init__(self, path: Path, headers: Sequence[str]):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path, self.headers = path, list(headers)
-        self._file = open(path, "w", newline="")
-        self._writer = csv.writer(self._file)
-        self._writer.writerow(self.headers)
-        self._file.flush()
-
-    def write(self, row: Any) -> None:
-        self._writer.writerow(["" if getattr(row, h) is None else getattr(row, h) for h in self.headers])
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()
-
-    def __enter__(self) -> CsvLog:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def write_text(path: Path, lines: Sequence[str]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def pyplot():
-    """matplotlib.pyplot on the Agg backend, or None when matplotlib is not installed (`pip install
-    quantrt[bench]`); the benchmarks then say so and skip their plot."""
-    try:
-        import matplotlib
-    except ImportError:
-        return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-PLOT_MISSING = "matplotlib is not installed (pip install \"quantrt[bench]\"): no plot"
-
-
-def script_main(module: Any, argv: Sequence[str] | None, prog: str) -> int:
+def script_main(module: ModuleType, argv: Sequence[str] | None, prog: str) -> int:
     """`main` of a benchmark script: parse `module.add_arguments`, run `module.run`, exit 1 on failed points."""
-    import argparse
-    import sys
-
     parser = argparse.ArgumentParser(prog=prog, description=module.__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(parser)
