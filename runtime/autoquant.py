@@ -50,7 +50,6 @@ import time
 import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from importlib.metadata import PackageNotFoundError, version as package_version
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -68,7 +67,7 @@ from .modules import LayerReport, QuantizedLinear, init_act_scale
 from .schemes import Scheme, resolve_scheme
 from .serialization import CONFIG_NAME, CheckpointError
 from .tables import format_table
-from .version import __version__
+from .version import __version__, distribution_version
 
 
 PLAN_FORMAT = 1
@@ -334,7 +333,6 @@ def _trial_text(trial: Trial, objective: str) -> str:
 
 def current_versions() -> dict[str, str | None]:
     """Installed versions of VERSIONED_PACKAGES (None where not installed)."""
-
     versions: dict[str, str | None] = {}
     for name in VERSIONED_PACKAGES:
         if name == "torch":
@@ -342,10 +340,7 @@ def current_versions() -> dict[str, str | None]:
         elif name == "quantrt":
             versions[name] = __version__
         else:
-            try:
-                versions[name] = package_version(name)
-            except PackageNotFoundError:
-                versions[name] = None
+            versions[name] = distribution_version(name)
     return versions
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.metadata
 import json
 import logging
 import os
@@ -29,6 +28,7 @@ from .schemes import resolve_scheme
 from .serialization import CONFIG_NAME, check_target, parse_size
 from .tables import format_table
 from .transformer import QuantizedTransformer, model_bytes
+from .version import distribution_version
 
 DESCRIPTION = """\
 quantrt: quantized inference for PyTorch transformers. Linear layers run in quantrt's own Triton
@@ -53,19 +53,12 @@ def quiet_library_logs() -> None:
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 
-def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
 def cmd_info(args: argparse.Namespace) -> int:
     """`quantrt info`: versions, the device, and which backend can serve which scheme here."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     print(f"python {platform.python_version()} ({platform.machine()})")
     for dist in ("quantrt", "torch", "triton", "torchao", "optimum-quanto", "diffusers", "transformers"):
-        print(f"{dist:15s} {_version(dist)}")
+        print(f"{dist:15s} {distribution_version(dist) or 'not installed'}")
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         print(f"device          {device}: {torch.cuda.get_device_name(device)} (SM {major}.{minor})")

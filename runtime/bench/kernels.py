@@ -48,11 +48,12 @@ from ..metrics import relative_error
 from ..modules import QuantizedLinear
 from ..schemes import Scheme, resolve_scheme
 from ..tables import format_table
+from ..version import distribution_version
 from .common import (DEFAULT_REP_MS, DEFAULT_WARMUP_MS, Outputs, Roofline, Run, geometric_mean, l2_bytes,
                      measure_roofline, pick_device, private_tuning_table, script_main, smoke_threads, stored_bytes,
                      time_rotated)
-from .report import (PLOT_MISSING, CsvLog, TargetResult, cell, csv_headers, device_title, distribution_version,
-                     failed_note, note_cell, percent_cell, pyplot, targets_table, write_text)
+from .report import (PLOT_MISSING, CsvLog, TargetResult, cell, csv_headers, device_title, failed_note, note_cell,
+                     percent_cell, pyplot, targets_table, write_text)
 
 # The Triton kernel modules (quantrt.kernels.formats, floatx, autotune) are imported by the functions that use
 # them: triton.jit decides at import whether a kernel runs in the interpreter, and `quantrt bench check`, which

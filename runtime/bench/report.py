@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import datetime
-import importlib.metadata
 import math
 import os
 import platform
@@ -22,6 +21,7 @@ from typing import Any, Sequence, TextIO
 import torch
 
 from ..tables import format_table
+from ..version import distribution_version
 
 DISTRIBUTIONS = ("quantrt", "torch", "triton", "torchao", "optimum-quanto", "gemlite", "diffusers", "transformers",
                  "accelerate", "matplotlib")
@@ -30,14 +30,6 @@ ENVIRONMENT_VARIABLES = ("TRITON_INTERPRET", "QUANTRT_BACKEND", "QUANTRT_AUTOTUN
 TARGET_HEADERS = ["target", "status", "detail"]
 PLOT_MISSING = "matplotlib is not installed (pip install \"quantrt[bench]\"): no plot"
 NOTE_LIMIT = 300  # characters of an exception kept in a row's note
-
-
-def distribution_version(name: str) -> str | None:
-    """The installed version of a distribution, or None."""
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def describe_device(device: torch.device) -> str:
