@@ -2,7 +2,8 @@
 
 A `Scheme` is data: the weight format (int8, uintX, fpX, fp8), its parameters, and the activation
 treatment. `resolve_scheme` turns any accepted spelling (torchao/diffusers shorthand or long name, quanto
-weights dtype or qtype) into one. Storage and its inverse live in `quantrt.kernels.quantize`.
+weights dtype or qtype) into one. How each format is stored, quantized and served is its format object
+(`Scheme.storage`, quantrt.formats).
 """
 
 from __future__ import annotations
@@ -10,15 +11,17 @@ from __future__ import annotations
 import difflib
 import operator
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from .kernels import quantize as Q
-from .kernels.packing import k_alignment, packed_bytes
+from .formats import FAMILIES, QUANTO_QTYPES, Fp8Format, FpxFormat, Int8Format, StorageFormat, TensorSpecs, \
+    UintxFormat, storage_format
 
-WEIGHT_KINDS = ("int8", "uintx", "fpx", "fp8")
+WEIGHT_KINDS = tuple(FAMILIES)
 ACTIVATIONS = ("none", "int8_token", "fp8_tensor", "fp8_row", "fp8_static")
+# tensors an activation treatment stores beside the weight's: fp8_static's calibrated activation scale
+ACTIVATION_TENSORS: dict[str, TensorSpecs] = {"fp8_static": {"act_scale": ((1, 1), torch.float32)}}
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,11 @@ class Scheme:
     fp8: str = ""
     per_tensor: bool = False
     activation: str = "none"
+    # the format object that weight, bits, ebits, mbits and fp8 name: derived, so not compared, hashed or shown
+    storage: StorageFormat = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "storage", storage_format(self.weight, self.bits, self.ebits, self.mbits, self.fp8))
 
     @property
     def weight_only(self) -> bool:
@@ -43,13 +51,7 @@ class Scheme:
     @property
     def format(self) -> str:
         """The storage format's name: int8, uint4, fp6_e3m2, fp8_e4m3."""
-        if self.weight == "int8":
-            return "int8"
-        if self.weight == "uintx":
-            return f"uint{self.bits}"
-        if self.weight == "fpx":
-            return f"fp{self.bits}_e{self.ebits}m{self.mbits}"
-        return f"fp8_{self.fp8}"
+        return self.storage.name
 
     def describe(self) -> str:
         """A human-readable one-liner: format, grouping and activations."""
@@ -62,74 +64,49 @@ class Scheme:
 
     def unsupported_reason(self, n: int, k: int) -> str | None:
         """Why a [n, k] weight cannot be stored in this scheme, or None if it can."""
-        if self.group_size is not None and k % self.group_size:
-            return f"K={k} is not a multiple of group_size={self.group_size}"
-        if self.weight in ("uintx", "fpx") and k % k_alignment(self.bits):
-            return f"K={k} is not a multiple of {k_alignment(self.bits)}, needed to pack {self.bits}-bit codes"
-        return None
+        return self.storage.unsupported_reason(n, k, self.group_size)
 
-    def tensor_specs(self, n: int, k: int, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    def tensor_specs(self, n: int, k: int, dtype: torch.dtype) -> TensorSpecs:
         """Name -> (shape, dtype) of every tensor this scheme stores for an [n, k] weight whose group
-        parameters are kept in `dtype`. fp8 codes are stored as uint8 (their bits), so that
-        `module.to(dtype)` never converts them."""
-        groups = 1 if self.group_size is None else k // self.group_size
-        if self.weight == "int8":
-            return {"qweight": ((n, k), torch.int8), "scale": ((n, groups), dtype)}
-        if self.weight == "uintx":
-            return {"qweight": ((n, packed_bytes(k, self.bits)), torch.uint8),
-                    "scale": ((n, groups), dtype), "zero": ((n, groups), dtype)}
-        if self.weight == "fpx":
-            return {"qweight": ((n, packed_bytes(k, self.bits)), torch.uint8), "scale": ((n, 1), dtype)}
-        specs = {"qweight": ((n, k), torch.uint8), "scale": ((1 if self.per_tensor else n, 1), dtype)}
-        if self.activation == "fp8_static":
-            specs["act_scale"] = ((1, 1), torch.float32)
+        parameters are kept in `dtype`: the format's (fp8 codes as uint8, their bits, so that
+        `module.to(dtype)` never converts them), then the activation treatment's."""
+        specs = self.storage.tensor_specs(n, k, dtype, self.group_size, self.per_tensor)
+        specs.update(ACTIVATION_TENSORS.get(self.activation, {}))
         return specs
 
     def quantize(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
-        """weight [N, K] (float) -> the stored tensors of `tensor_specs`."""
-        if self.weight == "int8":
-            q, s = Q.quantize_int8(weight, self.group_size)
-            return {"qweight": q, "scale": s}
-        if self.weight == "uintx":
-            q, s, z = Q.quantize_uintx(weight, self.bits, self.group_size)
-            return {"qweight": q, "scale": s, "zero": z}
-        if self.weight == "fpx":
-            q, s = Q.quantize_floatx(weight, self.ebits, self.mbits)
-            return {"qweight": q, "scale": s}
-        q, s = Q.quantize_fp8(weight, self.fp8, per_tensor=self.per_tensor)
-        return {"qweight": q.view(torch.uint8), "scale": s}
+        """weight [N, K] (float) -> the stored tensors of the format's `tensor_specs`."""
+        return self.storage.quantize(weight, self.group_size, self.per_tensor)
 
     def dequantize(self, tensors: dict[str, torch.Tensor], k: int) -> torch.Tensor:
         """The stored tensors -> float32 weight [N, K]."""
-        q, s = tensors["qweight"], tensors["scale"]
-        if self.weight == "int8":
-            return Q.dequantize_int8(q, s)
-        if self.weight == "uintx":
-            return Q.dequantize_uintx(q, s, tensors["zero"], self.bits, k)
-        if self.weight == "fpx":
-            return Q.dequantize_floatx(q, s, self.ebits, self.mbits, k)
-        return Q.dequantize_fp8(q.view(Q.FP8_DTYPES[self.fp8]), s)
+        return self.storage.dequantize(tensors, k)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "group_size": self.group_size}
 
 
+def _scheme(name: str, storage: StorageFormat, group_size: int | None = None, per_tensor: bool = False,
+            activation: str = "none") -> Scheme:
+    return Scheme(name, **storage.scheme_fields(), group_size=group_size, per_tensor=per_tensor,
+                  activation=activation)
+
+
 def _int8(name: str, group_size: int | None, activation: str = "none") -> Scheme:
-    return Scheme(name, "int8", 8, group_size=group_size, activation=activation)
+    return _scheme(name, Int8Format(), group_size, activation=activation)
 
 
 def _uintx(name: str, bits: int, group_size: int, activation: str = "none") -> Scheme:
-    return Scheme(name, "uintx", bits, group_size=group_size, activation=activation)
+    return _scheme(name, UintxFormat(bits), group_size, activation=activation)
 
 
 def _fpx(ebits: int, mbits: int) -> Scheme:
-    Q.check_floatx(ebits, mbits)
-    bits = 1 + ebits + mbits
-    return Scheme(f"fp{bits}_e{ebits}m{mbits}", "fpx", bits, ebits=ebits, mbits=mbits)
+    storage = FpxFormat(ebits, mbits)
+    return _scheme(storage.name, storage)
 
 
 def _fp8(name: str, fp8: str, per_tensor: bool = False, activation: str = "none") -> Scheme:
-    return Scheme(name, "fp8", 8, fp8=fp8, per_tensor=per_tensor, activation=activation)
+    return _scheme(name, Fp8Format(fp8), per_tensor=per_tensor, activation=activation)
 
 
 def _default_fpx(bits: int) -> tuple[int, int]:
@@ -145,7 +122,7 @@ SCHEMES: dict[str, Scheme] = {
     **{f"uint{b}wo": _uintx(f"uint{b}wo", b, 64) for b in range(1, 8)},
     "float8wo_e5m2": _fp8("float8wo_e5m2", "e5m2"),
     "float8wo_e4m3": _fp8("float8wo_e4m3", "e4m3"),
-    **{s.name: s for bits in range(3, 8) for e in range(1, bits) for s in [_fpx(e, bits - 1 - e)]},
+    **{storage.name: _scheme(storage.name, storage) for storage in FpxFormat.variants()},
     "int8dq": _int8("int8dq", None, "int8_token"),
     "int4dq": _uintx("int4dq", 4, 32, "int8_token"),
     "float8dq_e4m3_tensor": _fp8("float8dq_e4m3_tensor", "e4m3", True, "fp8_tensor"),
@@ -176,21 +153,20 @@ ALIASES: dict[str, str] = {
     "float8sq": "float8_static_activation_float8_weight",
 }
 
-# optimum-quanto weights dtypes and qtypes
+# quanto's group size for its packed qtypes (qint4, qint2), where it divides K
+QUANTO_GROUP_SIZE = 128
+
+
+def _quanto_scheme(storage: StorageFormat) -> Scheme:
+    """The weight-only scheme that stores a quanto qtype's numbers: the first of SCHEMES in its format, grouped as
+    quanto groups it by default."""
+    scheme = next(s for s in SCHEMES.values() if s.storage == storage and s.weight_only)
+    return replace(scheme, group_size=QUANTO_GROUP_SIZE if storage.packed else None)
+
+
+# optimum-quanto weights dtypes (a qtype's name without its q, as diffusers' QuantoConfig spells them) and qtypes
 QUANTO_WEIGHTS: dict[str, Scheme] = {
-    "int8": SCHEMES["int8wo"],
-    "qint8": SCHEMES["int8wo"],
-    "int4": replace(SCHEMES["int4wo"], group_size=128),
-    "qint4": replace(SCHEMES["int4wo"], group_size=128),
-    "int2": replace(SCHEMES["uint2wo"], group_size=128),
-    "qint2": replace(SCHEMES["uint2wo"], group_size=128),
-    "float8": SCHEMES["float8wo_e4m3"],
-    "qfloat8": SCHEMES["float8wo_e4m3"],
-    "float8_e4m3fn": SCHEMES["float8wo_e4m3"],
-    "qfloat8_e4m3fn": SCHEMES["float8wo_e4m3"],
-    "float8_e5m2": SCHEMES["float8wo_e5m2"],
-    "qfloat8_e5m2": SCHEMES["float8wo_e5m2"],
-}
+    name: _quanto_scheme(storage) for qtype, storage in QUANTO_QTYPES.items() for name in (qtype[1:], qtype)}
 
 # long names that take their variant from keyword arguments (torchao's signatures)
 PARAMETRIZED = ("uintx_weight_only", "fpx_weight_only", "float8_weight_only",
@@ -337,7 +313,7 @@ def _parametrized(name: str, kwargs: dict) -> Scheme:
 
 
 def _check_group_size(scheme: Scheme, group_size: int) -> None:
-    if scheme.weight in ("fpx", "fp8"):
+    if not scheme.storage.takes_group_size:
         raise ValueError(f"{scheme.name} uses one scale per output channel and takes no group_size "
                          f"(got {group_size}); use int8wo, int4wo or uintXwo for grouped scales")
     if group_size < 8 or group_size & (group_size - 1) or group_size > MAX_GROUP_SIZE:
@@ -387,13 +363,13 @@ def resolve_scheme(name: str | Scheme, group_size: int | None = None, **kwargs) 
             raise _unknown(name)
     if group_size is not None:
         group_size = _whole_group_size(scheme, group_size)
-    if group_size == -1 and scheme.weight == "uintx":
+    if group_size == -1 and not scheme.storage.allows_per_channel:
         raise ValueError(f"{scheme.name} stores its {scheme.bits}-bit codes in groups; group_size=-1 (one scale "
                          f"per output channel) is for int8wo: give a power of two >= 8, e.g. "
                          f"{SCHEMES['int4wo'].group_size}")
     if group_size is not None and group_size != -1:
         _check_group_size(scheme, group_size)
         scheme = replace(scheme, group_size=group_size)
-    elif group_size == -1 and scheme.weight == "int8":
+    elif group_size == -1:  # one scale per output channel
         scheme = replace(scheme, group_size=None)
     return scheme

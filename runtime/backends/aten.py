@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from ..formats import ATEN_INT4_KERNEL, ATEN_INT8_KERNEL
 from . import COPY_LIMIT, Backend, BackendUnavailable, scheme_bytes
 
 if TYPE_CHECKING:
@@ -184,7 +185,8 @@ def keeps_offsets(scheme: Scheme, shape: tuple[int, int], dtype: torch.dtype) ->
 
 
 def _is_int4(scheme: Scheme) -> bool:
-    return scheme.weight == "uintx" and scheme.bits == 4
+    """Whether `scheme`'s format is read by torch's CPU int4 kernel (4-bit codes)."""
+    return scheme.storage.aten_kernel == ATEN_INT4_KERNEL
 
 
 class AtenBackend(Backend):
@@ -198,21 +200,18 @@ class AtenBackend(Backend):
                     f"_weight_int4pack_mm_for_cpu) are CPU kernels, not {device.type}")
         if scheme.activation != "none":
             return "torch's CPU kernels are weight-only (activations stay in the layer's dtype)"
-        if scheme.weight == "int8":
-            if scheme.group_size is not None:
-                return (f"torch's int8 kernel (_weight_int8pack_mm) has one scale per output channel, not groups "
-                        f"of {scheme.group_size}")
-            if not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
-                return f"torch {torch.__version__} has no aten._weight_int8pack_mm"
-            return None
-        if _is_int4(scheme):
-            if scheme.group_size not in INT4_GROUP_SIZES:
-                return (f"torch's int4 kernel takes groups of {', '.join(map(str, INT4_GROUP_SIZES))}, not "
-                        f"{scheme.group_size}")
-            if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
-                return f"torch {torch.__version__} has no aten._weight_int4pack_mm_for_cpu"
-            return None
-        return "torch has CPU weight-only kernels for int8 (per channel) and 4-bit codes only"
+        kernel = scheme.storage.aten_kernel
+        if kernel is None:
+            return "torch has CPU weight-only kernels for int8 (per channel) and 4-bit codes only"
+        if kernel == ATEN_INT8_KERNEL and scheme.group_size is not None:
+            return (f"torch's int8 kernel ({ATEN_INT8_KERNEL}) has one scale per output channel, not groups "
+                    f"of {scheme.group_size}")
+        if kernel == ATEN_INT4_KERNEL and scheme.group_size not in INT4_GROUP_SIZES:
+            return (f"torch's int4 kernel takes groups of {', '.join(map(str, INT4_GROUP_SIZES))}, not "
+                    f"{scheme.group_size}")
+        if not hasattr(torch.ops.aten, kernel):
+            return f"torch {torch.__version__} has no aten.{kernel}"
+        return None
 
     def layer_unavailable_reason(self, scheme: Scheme, device: torch.device, shape: tuple[int, int],
                                  dtype: torch.dtype | None) -> str | None:

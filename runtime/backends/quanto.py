@@ -36,7 +36,7 @@ asks for quanto's plain tensors, because quanto's optimized CPU int4 path (tinyg
 not run under torch.compile (torch 2.13: "expected scalar type Float but found BFloat16" in
 _weight_int4pack_mm_for_cpu) and stores a lossy bf16 zero point. With plain tensors every scheme above
 compiles with torch.compile(fullgraph=True) on CPU in fp32 and bf16, each checked once against eager
-(tests/runtime/test_backend_quanto.py keeps two, among them int4 / group 128 / bf16). Compiling quanto's
+(tests/runtime/backends/test_quanto.py keeps two, among them int4 / group 128 / bf16). Compiling quanto's
 CUDA kernels has not been checked here.
 """
 
@@ -49,14 +49,15 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from ..formats import FORMATS
 from . import Backend
 
 if TYPE_CHECKING:
     from ..modules import QuantizedLinear
     from ..schemes import Scheme
 
-QTYPE_NAMES = {"int8": "qint8", "uint4": "qint4", "uint2": "qint2", "fp8_e4m3": "qfloat8_e4m3fn",
-               "fp8_e5m2": "qfloat8_e5m2"}
+# storage format name -> the quanto qtype that stores it (`StorageFormat.quanto_qtype`)
+QTYPE_NAMES = {name: storage.quanto_qtype for name, storage in FORMATS.items() if storage.quanto_qtype}
 
 
 @functools.cache
@@ -84,13 +85,14 @@ def qtype_name(scheme: Scheme) -> str:
                              "quanto keeps its own calibrated activation scales (optimum.quanto.Calibration)")
         raise ValueError("quanto quantizes activations with static scales calibrated on sample inputs, not "
                          "dynamically per token or per tensor as this scheme does")
-    if scheme.weight == "int8" and scheme.group_size is not None:
-        raise ValueError(f"quanto's 8-bit weights have one scale per output channel; int8 in groups of "
-                         f"{scheme.group_size} is not a quanto format (use group_size=None)")
-    name = QTYPE_NAMES.get(scheme.format)
+    storage = scheme.storage
+    name = storage.quanto_qtype
     if name is None:
-        raise ValueError(f"quanto has no {scheme.format} weights (it has qint2, qint4, qint8, qfloat8_e4m3fn "
-                         f"and qfloat8_e5m2)")
+        qtypes = sorted(QTYPE_NAMES.values())
+        raise ValueError(f"quanto has no {scheme.format} weights (it has {', '.join(qtypes[:-1])} and {qtypes[-1]})")
+    if storage.bits == 8 and scheme.group_size is not None:
+        raise ValueError(f"quanto's 8-bit weights have one scale per output channel; {scheme.format} in groups of "
+                         f"{scheme.group_size} is not a quanto format (use group_size=None)")
     return name
 
 
@@ -133,9 +135,9 @@ class QuantoBackend(Backend):
         CUDA; quanto's own packing of 4/2-bit codes plus its shifts in the layer's dtype (CPU checked against
         `extra_bytes` in the tests; quanto's CUDA packings are taken to be the same size, unverified)."""
         n, k = shape
-        if scheme.weight == "uintx":
+        if scheme.storage.packed:
             return n * k * scheme.bits // 8 + n * (k // scheme.group_size) * dtype.itemsize
-        if (torch.device(device).type == "cuda" and scheme.weight == "fp8" and scheme.fp8 == "e4m3"
+        if (torch.device(device).type == "cuda" and scheme.storage.quanto_qtype == "qfloat8_e4m3fn"
                 and n % 64 == 0 and k % 128 == 0):
             return n * k
         return 0
@@ -152,7 +154,7 @@ class QuantoBackend(Backend):
             raise RuntimeError(f"layer {layer.name!r}: quanto cannot serve {scheme.name}: {e}") from e
         dtype = layer.scale.dtype
         optimized = layer.qweight.device.type == "cuda"
-        if scheme.weight == "uintx":
+        if scheme.storage.packed:  # qint4, qint2
             # quanto: w = scale * code - shift; quantrt: w = (code - zero) * scale, so shift = zero * scale
             weight = layer.dequantize().to(dtype)
             scale = layer.scale.reshape(-1, 1)

@@ -3,21 +3,28 @@ numerical oracle of the tests. Slow by design (it dequantizes the whole weight o
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from ..kernels import reference as R
+from ..kernels.quantize import FP8_DTYPES
 from . import Backend
+
+if TYPE_CHECKING:
+    from ..modules import QuantizedLinear
+    from ..schemes import Scheme
 
 
 class ReferenceBackend(Backend):
     name = "reference"
 
-    def unavailable_reason(self, scheme, device: torch.device) -> str | None:
-        if scheme.weight == "fp8" and device.type == "mps":
+    def unavailable_reason(self, scheme: Scheme, device: torch.device) -> str | None:
+        if device.type == "mps" and scheme.storage.code_dtype in FP8_DTYPES.values():
             return "MPS has no float8 dtypes"
         return None
 
-    def linear(self, layer, x: torch.Tensor) -> torch.Tensor:
+    def linear(self, layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
         scheme = layer.scheme
         if scheme.activation == "none":
             return R.linear_dequantized(x, layer.dequantize(), layer.bias)
@@ -25,7 +32,7 @@ class ReferenceBackend(Backend):
             if scheme.group_size is None:
                 return R.int8_dynamic_linear(x, layer.qweight, layer.scale, layer.bias)
             return R.int8_activation_linear(x, layer.dequantize(), layer.bias)
-        qweight = layer.qweight.view(torch.float8_e4m3fn)
+        qweight = layer.qweight.view(scheme.storage.code_dtype)  # the fp8 activation schemes' weights are fp8
         if scheme.activation == "fp8_static":
             if not layer.calibrated:
                 raise RuntimeError(

@@ -41,7 +41,7 @@ What serves where (torchao 0.18, torch 2.13; CPU checked by running, CUDA from t
 | float8_static_activation_float8_weight | none (the scale is calibrated after the layer is built) | no | no |
 
 torch.compile(fullgraph=True) on CPU (torch 2.13, torchao 0.18): every scheme served on CPU above compiles
-without graph breaks in fp32 and bf16, each checked once against eager (tests/runtime/test_backend_torchao.py
+without graph breaks in fp32 and bf16, each checked once against eager (tests/runtime/backends/test_torchao.py
 keeps three of them, compiling being slow). Compiling the CUDA paths has not been checked here.
 """
 
@@ -50,14 +50,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 from importlib.metadata import PackageNotFoundError, version as package_version
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels.packing import unpack_uintx
-from ..kernels.quantize import FP8_DTYPES
 from . import Backend, BackendUnavailable
 
 if TYPE_CHECKING:
@@ -131,22 +130,23 @@ def _cuda_capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
-def _int8_weight_config(group_size: int | None):
+def _int8_weight_config(scheme: Scheme, device: torch.device, dtype: torch.dtype):
     quantization = _quantization_module()
     cls = _config_class("Int8WeightOnlyConfig", "torchao >= 0.9 has it")
+    group_size = scheme.group_size
     if "granularity" in _fields(cls):  # torchao >= 0.16 (Int8Tensor): granularity, group_size must stay None
         granularity = quantization.PerRow() if group_size is None else quantization.PerGroup(group_size)
         return _make(cls, granularity=granularity)
     return _make(cls, group_size=group_size)
 
 
-def _intx_weight_config(bits: int, group_size: int):
+def _intx_weight_config(scheme: Scheme, device: torch.device, dtype: torch.dtype):
     quantization = _quantization_module()
     cls = _config_class("IntxWeightOnlyConfig", "torchao >= 0.12 has it")
     if "granularity" not in _fields(cls):
         raise TorchaoCannotServe(f"torchao {torchao_version()}'s IntxWeightOnlyConfig takes no granularity; "
                                  f"torchao >= 0.14 is needed")
-    return _make(cls, weight_dtype=_intx_dtype(bits), granularity=quantization.PerGroup(group_size),
+    return _make(cls, weight_dtype=_intx_dtype(scheme.bits), granularity=quantization.PerGroup(scheme.group_size),
                  mapping_type=quantization.MappingType.ASYMMETRIC)
 
 
@@ -160,74 +160,108 @@ def _int4_tinygemm_config(group_size: int):
     return _make(cls, group_size=group_size)  # before 0.14: TensorCoreTiledLayout is the default
 
 
-def torchao_config(scheme: Scheme, device: torch.device | str, dtype: torch.dtype = torch.bfloat16):
-    """The torchao config object that serves `scheme` for a layer of `dtype` on `device`, built against the
-    installed torchao. Raises TorchaoCannotServe with the reason when there is none."""
-    device = torch.device(device)
-    if device.type not in ("cpu", "cuda"):
-        raise TorchaoCannotServe(f"quantrt uses torchao on cpu and cuda devices only, not {device.type}")
+def _int4_weight_config(scheme: Scheme, device: torch.device, dtype: torch.dtype):
+    # tinygemm for bf16 on CUDA SM >= 8.0. CPU has no int4 packing in torchao 0.18 (plain needs mslk,
+    # tile_packed_to_4d and plain_int32 CUDA): the unpacked intX tensor dequantizes in torch and runs on any device
+    if (device.type == "cuda" and dtype == torch.bfloat16 and scheme.group_size in TINYGEMM_GROUP_SIZES
+            and _cuda_capability(device) >= (8, 0)):
+        return _int4_tinygemm_config(scheme.group_size)
+    return _intx_weight_config(scheme, device, dtype)
+
+
+def _float8_weight_config(scheme: Scheme, device: torch.device, dtype: torch.dtype):
+    cls = _config_class("Float8WeightOnlyConfig", "torchao >= 0.9 has it")
+    return _make(cls, weight_dtype=scheme.storage.code_dtype)
+
+
+def _fpx_weight_config(scheme: Scheme, device: torch.device, dtype: torch.dtype):
+    cls = getattr(_quantization_module(), "FPXWeightOnlyConfig", None)
+    if cls is None:
+        raise TorchaoCannotServe(f"torchao {torchao_version()} has no FPXWeightOnlyConfig: X-bit floats were "
+                                 f"removed in torchao 0.16 (torchao 0.9 .. 0.15 have them, CUDA only)")
+    if device.type != "cuda":
+        raise TorchaoCannotServe("torchao's FPXWeightOnlyConfig (fp6-llm kernels) runs on CUDA only")
+    return _make(cls, ebits=scheme.storage.ebits, mbits=scheme.storage.mbits)
+
+
+def _int8_dynamic_config(scheme: Scheme, device: torch.device, dtype: torch.dtype):
+    if scheme.group_size is not None:
+        raise TorchaoCannotServe(f"torchao's int8 dynamic-activation weights have one scale per output "
+                                 f"channel, not groups of {scheme.group_size}")
+    return _make(_config_class("Int8DynamicActivationInt8WeightConfig", "torchao >= 0.9 has it"))
+
+
+def _intx_dynamic_config(scheme: Scheme, device: torch.device, dtype: torch.dtype):
     quantization = _quantization_module()
-    if scheme.activation == "none":
-        if scheme.weight == "int8":
-            return _int8_weight_config(scheme.group_size)
-        if scheme.weight == "uintx":
-            if (scheme.bits == 4 and device.type == "cuda" and dtype == torch.bfloat16
-                    and scheme.group_size in TINYGEMM_GROUP_SIZES and _cuda_capability(device) >= (8, 0)):
-                return _int4_tinygemm_config(scheme.group_size)
-            # CPU has no int4 packing in torchao 0.18 (plain needs mslk, tile_packed_to_4d and plain_int32 CUDA);
-            # the unpacked intX tensor dequantizes in torch and runs on any device
-            return _intx_weight_config(scheme.bits, scheme.group_size)
-        if scheme.weight == "fp8":
-            cls = _config_class("Float8WeightOnlyConfig", "torchao >= 0.9 has it")
-            return _make(cls, weight_dtype=torch.float8_e4m3fn if scheme.fp8 == "e4m3" else torch.float8_e5m2)
-        # fpX
-        cls = getattr(quantization, "FPXWeightOnlyConfig", None)
-        if cls is None:
-            raise TorchaoCannotServe(f"torchao {torchao_version()} has no FPXWeightOnlyConfig: X-bit floats were "
-                                     f"removed in torchao 0.16 (torchao 0.9 .. 0.15 have them, CUDA only)")
-        if device.type != "cuda":
-            raise TorchaoCannotServe("torchao's FPXWeightOnlyConfig (fp6-llm kernels) runs on CUDA only")
-        return _make(cls, ebits=scheme.ebits, mbits=scheme.mbits)
-    if scheme.activation == "int8_token":
-        if scheme.weight == "int8":
-            if scheme.group_size is not None:
-                raise TorchaoCannotServe(f"torchao's int8 dynamic-activation weights have one scale per output "
-                                         f"channel, not groups of {scheme.group_size}")
-            return _make(_config_class("Int8DynamicActivationInt8WeightConfig", "torchao >= 0.9 has it"))
-        cls = getattr(quantization, "Int8DynamicActivationIntxWeightConfig", None)
-        if cls is not None and "weight_granularity" in _fields(cls):
-            return _make(cls, weight_dtype=_intx_dtype(scheme.bits),
-                         weight_granularity=quantization.PerGroup(scheme.group_size),
-                         weight_mapping_type=quantization.MappingType.ASYMMETRIC)
-        if scheme.bits == 4 and hasattr(quantization, "Int8DynamicActivationInt4WeightConfig"):  # before 0.17
-            return _make(quantization.Int8DynamicActivationInt4WeightConfig, group_size=scheme.group_size,
-                         mapping_type=quantization.MappingType.ASYMMETRIC)
-        raise TorchaoCannotServe(f"torchao {torchao_version()} has no Int8DynamicActivationIntxWeightConfig with "
-                                 f"weight_granularity (torchao >= 0.14 has it)")
-    if scheme.activation in ("fp8_tensor", "fp8_row"):
-        if device.type != "cuda":
-            raise TorchaoCannotServe("torchao's float8 dynamic activation quantization needs a CUDA GPU with "
-                                     "compute capability >= 8.9 (Ada, Hopper or newer)")
-        capability = _cuda_capability(device)
-        if capability < (8, 9):
-            raise TorchaoCannotServe(f"torchao's float8 dynamic activation quantization needs compute capability "
-                                     f">= 8.9; {torch.cuda.get_device_name(device)} has "
-                                     f"{capability[0]}.{capability[1]}")
-        cls = _config_class("Float8DynamicActivationFloat8WeightConfig", "torchao >= 0.9 has it")
-        granularity = quantization.PerRow() if scheme.activation == "fp8_row" else quantization.PerTensor()
-        return _make(cls, granularity=granularity)
+    cls = getattr(quantization, "Int8DynamicActivationIntxWeightConfig", None)
+    if cls is not None and "weight_granularity" in _fields(cls):
+        return _make(cls, weight_dtype=_intx_dtype(scheme.bits),
+                     weight_granularity=quantization.PerGroup(scheme.group_size),
+                     weight_mapping_type=quantization.MappingType.ASYMMETRIC)
+    if scheme.bits == 4 and hasattr(quantization, "Int8DynamicActivationInt4WeightConfig"):  # before 0.17
+        return _make(quantization.Int8DynamicActivationInt4WeightConfig, group_size=scheme.group_size,
+                     mapping_type=quantization.MappingType.ASYMMETRIC)
+    raise TorchaoCannotServe(f"torchao {torchao_version()} has no Int8DynamicActivationIntxWeightConfig with "
+                             f"weight_granularity (torchao >= 0.14 has it)")
+
+
+def _float8_dynamic_config(scheme: Scheme, device: torch.device, dtype: torch.dtype):
+    if device.type != "cuda":
+        raise TorchaoCannotServe("torchao's float8 dynamic activation quantization needs a CUDA GPU with "
+                                 "compute capability >= 8.9 (Ada, Hopper or newer)")
+    capability = _cuda_capability(device)
+    if capability < (8, 9):
+        raise TorchaoCannotServe(f"torchao's float8 dynamic activation quantization needs compute capability "
+                                 f">= 8.9; {torch.cuda.get_device_name(device)} has "
+                                 f"{capability[0]}.{capability[1]}")
+    quantization = _quantization_module()
+    cls = _config_class("Float8DynamicActivationFloat8WeightConfig", "torchao >= 0.9 has it")
+    granularity = quantization.PerRow() if scheme.activation == "fp8_row" else quantization.PerTensor()
+    return _make(cls, granularity=granularity)
+
+
+def _float8_static_config(scheme: Scheme, device: torch.device, dtype: torch.dtype):
     raise TorchaoCannotServe(
         "quantrt calibrates the static activation scale after the layer is built (quantrt.calibrate), while "
         "torchao's Float8StaticActivationFloat8WeightConfig needs it at quantization time")
 
 
+# the torchao config classes that storage formats name (StorageFormat.torchao_configs) -> how quantrt builds each
+# for (scheme, device, layer dtype), raising TorchaoCannotServe where it cannot
+CONFIG_BUILDERS: dict[str, Callable[[Scheme, torch.device, torch.dtype], Any]] = {
+    "Int8WeightOnlyConfig": _int8_weight_config,
+    "Int4WeightOnlyConfig": _int4_weight_config,
+    "IntxWeightOnlyConfig": _intx_weight_config,
+    "Float8WeightOnlyConfig": _float8_weight_config,
+    "FPXWeightOnlyConfig": _fpx_weight_config,
+    "Int8DynamicActivationInt8WeightConfig": _int8_dynamic_config,
+    "Int8DynamicActivationIntxWeightConfig": _intx_dynamic_config,
+    "Float8DynamicActivationFloat8WeightConfig": _float8_dynamic_config,
+    "Float8StaticActivationFloat8WeightConfig": _float8_static_config,
+}
+
+
+def torchao_config(scheme: Scheme, device: torch.device | str, dtype: torch.dtype = torch.bfloat16):
+    """The torchao config object that serves `scheme` for a layer of `dtype` on `device`, built against the
+    installed torchao: the config class the scheme's format names for its activations
+    (`StorageFormat.torchao_configs`). Raises TorchaoCannotServe with the reason when there is none."""
+    device = torch.device(device)
+    if device.type not in ("cpu", "cuda"):
+        raise TorchaoCannotServe(f"quantrt uses torchao on cpu and cuda devices only, not {device.type}")
+    _quantization_module()  # torchao imports, or the reason it does not
+    config = scheme.storage.torchao_configs.get(scheme.activation)
+    if config is None:
+        raise TorchaoCannotServe(f"torchao has no config for {scheme.format} weights with {scheme.activation} "
+                                 f"activations")
+    return CONFIG_BUILDERS[config](scheme, device, dtype)
+
+
 def _takes_quantrt_codes(weight: torch.Tensor, scheme: Scheme) -> bool:
-    """Whether `prepare` puts quantrt's codes into torchao's `weight`: where torchao's requantization is lossy
-    (int8 and the integer-zero-point intX path), and for weight-only fp8, whose codes torchao can then keep as a
-    view of the layer's buffer instead of a copy."""
-    kind = type(weight).__name__
-    return (scheme.weight == "int8" or (scheme.weight == "uintx" and kind == "IntxUnpackedToInt8Tensor")
-            or (scheme.weight == "fp8" and scheme.activation == "none" and kind == "Float8Tensor"))
+    """Whether `prepare` puts quantrt's codes into torchao's `weight`: where it is the torchao tensor the scheme's
+    format names (`StorageFormat.torchao_tensor`): torchao's requantization is lossy for int8 and the
+    integer-zero-point intX path, and weight-only fp8 codes can then stay a view of the layer's buffer instead of a
+    copy. The fp8 dynamic-activation schemes keep torchao's own quantization."""
+    return type(weight).__name__ == scheme.storage.torchao_tensor and scheme.activation in ("none", "int8_token")
 
 
 def _adopt_quantrt_codes(weight: torch.Tensor, layer: QuantizedLinear, dequantized: torch.Tensor) -> bool:
@@ -238,12 +272,12 @@ def _adopt_quantrt_codes(weight: torch.Tensor, layer: QuantizedLinear, dequantiz
     dequantize to `dequantized` afterwards."""
     scheme = layer.scheme
     kind = type(weight).__name__
-    if kind == "Int8Tensor" and scheme.weight == "int8":
+    if kind == "Int8Tensor":
         tensors = {"qdata": layer.qweight, "scale": layer.scale}
-    elif kind == "Float8Tensor" and scheme.weight == "fp8" and scheme.activation == "none":
+    elif kind == "Float8Tensor":
         # quantrt stores fp8 codes as their uint8 bits; viewed as the fp8 dtype they are torchao's qdata
-        tensors = {"qdata": layer.qweight.view(FP8_DTYPES[scheme.fp8]), "scale": layer.scale}
-    elif kind == "IntxUnpackedToInt8Tensor" and scheme.weight == "uintx":
+        tensors = {"qdata": layer.qweight.view(scheme.storage.code_dtype), "scale": layer.scale}
+    elif kind == "IntxUnpackedToInt8Tensor":
         # torchao's intX codes are signed: code - 2**(bits-1), with the zero point shifted alike
         offset = 2 ** (scheme.bits - 1)
         codes = unpack_uintx(layer.qweight, scheme.bits, layer.in_features).to(torch.int16) - offset
@@ -308,11 +342,12 @@ class TorchaoBackend(Backend):
             return n * k // 2 + n * groups * 4
         if scheme.activation in ("fp8_tensor", "fp8_row"):
             return n * k + (n * 4 if scheme.activation == "fp8_row" else 4)
-        if scheme.weight == "int8":
+        tensor = scheme.storage.torchao_tensor
+        if tensor == "Int8Tensor":
             return scale_copy + n * groups
-        if scheme.weight == "fp8":
+        if tensor == "Float8Tensor":
             return scale_copy
-        if scheme.weight == "uintx":
+        if tensor == "IntxUnpackedToInt8Tensor":
             return n * k + n * groups * dtype.itemsize
         return None
 
@@ -336,12 +371,12 @@ class TorchaoBackend(Backend):
         try:
             backend_weight = self._quantize(weight, config)
         except Exception as first:
-            if layer.scheme.weight != "uintx" or layer.scheme.activation != "none":
+            if not type(config).__name__.startswith("Int4WeightOnly"):
                 raise RuntimeError(f"layer {layer.name!r}: torchao {torchao_version()} failed to quantize its "
                                    f"{tuple(weight.shape)} {dtype} weight with {type(config).__name__} on {device}: "
                                    f"{type(first).__name__}: {first}") from first
             # the CUDA int4 packing refused this layer (shape, GPU): the unpacked intX path serves any layer
-            config = _intx_weight_config(layer.scheme.bits, layer.scheme.group_size)
+            config = _intx_weight_config(layer.scheme, device, dtype)
             backend_weight = self._quantize(weight, config)
         layer.backend_config = type(config).__name__
         if _takes_quantrt_codes(backend_weight, layer.scheme):

@@ -14,7 +14,7 @@ from torchao.core.config import config_to_dict
 import quantrt
 from quantrt import QuantConfig, to_quant_config
 
-from .backend_cases import linear_model
+from .backends.cases import linear_model
 
 # the deprecation notices of diffusers' QuantoConfig and torchao's "_default" key are theirs, not ours
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore:Config Deprecation:UserWarning")

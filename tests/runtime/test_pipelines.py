@@ -12,7 +12,7 @@ import torchao.quantization as ao
 import quantrt
 from quantrt import QuantConfig
 
-from .backend_cases import flux_inputs, tiny_flux
+from .backends.cases import flux_inputs, tiny_flux
 
 # the deprecation notices of diffusers' QuantoConfig are theirs, not ours
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore:Config Deprecation:UserWarning")

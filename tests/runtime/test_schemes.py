@@ -1,11 +1,14 @@
 from decimal import Decimal
 from fractions import Fraction
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
-from quantrt.schemes import ALIASES, QUANTO_WEIGHTS, SCHEMES, resolve_scheme, whole_number
+from quantrt.formats import FORMATS
+from quantrt.schemes import ALIASES, QUANTO_WEIGHTS, SCHEMES, Scheme, resolve_scheme, whole_number
 
 # every shorthand and long name of the seed documents (diffusers TorchAoConfig), with what it must mean
 SEED_NAMES = {
@@ -113,6 +116,42 @@ def test_tensor_specs_match_quantize(name, bits_per_weight):
     specs = scheme.tensor_specs(16, 256, torch.bfloat16)
     assert {k: (tuple(t.shape), t.dtype) for k, t in stored.items()} == specs
     assert stored["qweight"].numel() * stored["qweight"].element_size() == 16 * 256 * bits_per_weight // 8
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMES))
+def test_a_scheme_delegates_to_its_storage_format(name):
+    scheme = SCHEMES[name]
+    storage = scheme.storage
+    assert FORMATS[scheme.format] == storage and storage.family == scheme.weight
+    w = torch.randn(8, 256)
+    specs = storage.tensor_specs(8, 256, torch.float32, scheme.group_size, scheme.per_tensor)
+    if scheme.activation == "fp8_static":  # the calibrated activation scale, beside the format's tensors
+        specs["act_scale"] = ((1, 1), torch.float32)
+    assert scheme.tensor_specs(8, 256, torch.float32) == specs
+    stored = scheme.quantize(w)
+    assert all(torch.equal(stored[key], t) for key, t in storage.quantize(w, scheme.group_size, scheme.per_tensor).items())
+    assert torch.equal(scheme.dequantize(stored, 256), storage.dequantize(stored, 256))
+    assert scheme.unsupported_reason(8, 36) == storage.unsupported_reason(8, 36, scheme.group_size)
+
+
+def test_the_storage_object_is_derived_not_compared_or_shown():
+    scheme = resolve_scheme("uint3wo", group_size=32)
+    assert scheme.storage == FORMATS["uint3"] and "storage" not in repr(scheme)
+    assert replace(scheme, group_size=128).storage == scheme.storage
+    assert Scheme("uint3wo", "uintx", 3, group_size=64) == SCHEMES["uint3wo"]
+    with pytest.raises(ValueError, match="unknown storage format family"):
+        Scheme("x", "int3", 3)
+
+
+@pytest.mark.parametrize("name", ["int8wo", "int8dq", "fp6_e3m2", "float8wo_e4m3", "float8dq_e4m3_tensor"])
+def test_group_size_minus_one_means_per_channel(name):
+    assert resolve_scheme(name, group_size=-1) == replace(SCHEMES[name], group_size=None)
+
+
+@pytest.mark.parametrize("name", ["uint3wo", "int4wo", "int4dq"])
+def test_group_size_minus_one_is_refused_for_uintx_codes(name):
+    with pytest.raises(ValueError, match="codes in groups; group_size=-1"):
+        resolve_scheme(name, group_size=-1)
 
 
 @pytest.mark.parametrize("value, expected", [

@@ -1,17 +1,20 @@
+"""The torchao backend: torchao's weights built from quantrt's codes, against the reference; the configs quantrt
+builds; what it cannot serve; the copies it keeps beside the buffers."""
+
 import copy
 
 import pytest
 import torch
+import torchao.quantization as torchao_quantization
 
-pytest.importorskip("torchao")
+import quantrt
+from quantrt import QuantConfig
+from quantrt.backends import BackendUnavailable, get_backend
+from quantrt.backends.torchao import CONFIG_BUILDERS, torchao_config
+from quantrt.formats import FORMATS
+from quantrt.schemes import resolve_scheme
 
-import quantrt  # noqa: E402
-from quantrt import QuantConfig  # noqa: E402
-from quantrt.backends import BackendUnavailable, get_backend  # noqa: E402
-from quantrt.backends.torchao import torchao_config  # noqa: E402
-from quantrt.schemes import resolve_scheme  # noqa: E402
-
-from .backend_cases import (  # noqa: E402
+from .cases import (
     DYNAMIC, WEIGHT_ONLY, backends_of, case_id, flux_inputs, linear_model, quantized_copies, tiny_flux, tolerance,
 )
 
@@ -49,15 +52,52 @@ def test_torchao_weight_holds_quantrt_codes_and_state_dict_stays_quantrt():
                                                  backend="torchao"), progress=False)
     layer = qt.quantized_layers()["0"]
     assert "quantrt's codes" in layer.backend_config
+    assert isinstance(layer.backend_weight, torchao_quantization.IntxUnpackedToInt8Tensor)
     torch.testing.assert_close(layer.backend_weight.dequantize().float(), layer.dequantize())
     assert set(qt.state_dict()) == {f"model.{layer}.{name}" for layer in ("0", "2")
                                     for name in ("qweight", "scale", "zero")} | {"model.0.bias"}
 
 
-def test_configs_set_no_inductor_settings():
-    for name in ["int8wo", "int4wo", "float8wo_e4m3", "int8dq"]:
-        config = torchao_config(resolve_scheme(name), CPU)
-        assert getattr(config, "set_inductor_config", False) is False, name
+# what torchao's quantize_ turns on for the whole process where a config keeps its default set_inductor_config=True
+# (torchao.quantization.utils.recommended_inductor_config_setter)
+INDUCTOR_SETTINGS = ("coordinate_descent_tuning", "coordinate_descent_check_all_directions",
+                     "force_fuse_int_mm_with_mul")
+
+
+@pytest.mark.parametrize("case", [("int8wo", None), ("int4wo", 32), ("float8wo_e4m3", None), ("int8dq", None),
+                                  ("int4dq", 32)], ids=case_id)
+def test_quantizing_changes_no_global_inductor_setting(case, monkeypatch):
+    for setting in INDUCTOR_SETTINGS:  # off, so that torchao turning them on shows
+        monkeypatch.setattr(torch._inductor.config, setting, False)
+    before = torch._inductor.config.save_config_portable()
+    precision = torch.get_float32_matmul_precision()
+    scheme, group_size = case
+    qt = quantized_copies(linear_model(torch.float32), scheme, group_size, ["torchao"])["torchao"]
+    assert backends_of(qt) == {"torchao"}
+    assert torch._inductor.config.save_config_portable() == before
+    assert torch.get_float32_matmul_precision() == precision
+
+
+@pytest.mark.parametrize("name, config", [
+    ("int8wo", "Int8WeightOnlyConfig"), ("int4wo", "IntxWeightOnlyConfig"), ("uint3wo", "IntxWeightOnlyConfig"),
+    ("float8wo_e5m2", "Float8WeightOnlyConfig"), ("int8dq", "Int8DynamicActivationInt8WeightConfig"),
+    ("int4dq", "Int8DynamicActivationIntxWeightConfig")])
+def test_the_config_each_scheme_maps_onto_on_cpu(name, config):
+    # 4 bits on CPU: not tinygemm's Int4WeightOnlyConfig (CUDA only) but the intX config
+    built = torchao_config(resolve_scheme(name), CPU)
+    assert type(built).__name__ == config
+    if config == "Float8WeightOnlyConfig":
+        assert built.weight_dtype == torch.float8_e5m2
+
+
+def test_every_torchao_name_a_format_gives_is_one_quantrt_builds_and_torchao_has():
+    for storage in FORMATS.values():
+        for activation, config in storage.torchao_configs.items():
+            assert config in CONFIG_BUILDERS, (storage.name, activation)
+            # X-bit floats' config left torchao in 0.16 (the backend says so, test_says_what_it_cannot_serve_on_cpu)
+            assert hasattr(torchao_quantization, config) or config == "FPXWeightOnlyConfig", config
+        if storage.torchao_tensor is not None:
+            assert hasattr(torchao_quantization, storage.torchao_tensor), storage.name
 
 
 @pytest.mark.parametrize("name, words", [
@@ -131,9 +171,9 @@ def torchao_copy_bytes(layer, dtype: torch.dtype) -> int:
     scheme, n, k = layer.scheme, layer.out_features, layer.in_features
     groups = 1 if scheme.group_size is None else k // scheme.group_size
     scale_copy = 0 if dtype == torch.float32 else n * groups * 4
-    if scheme.weight == "int8":
+    if scheme.format == "int8":
         return scale_copy + n * groups
-    if scheme.weight == "fp8":
+    if scheme.format.startswith("fp8"):
         return scale_copy
     return n * k + n * groups * dtype.itemsize
 

@@ -36,11 +36,12 @@ def tolerance(scheme: str, dtype: torch.dtype) -> dict[str, float]:
     return {"atol": 2e-2, "rtol": 1.6e-2}
 
 
-def quantized_copies(model: nn.Module, scheme: str, group_size: int | None,
-                     backends: list[str]) -> dict[str, quantrt.QuantizedTransformer]:
-    """backend -> a QuantizedTransformer of a deep copy of `model`, quantized with `backend`."""
+def quantized_copies(model: nn.Module, scheme: str, group_size: int | None, backends: list[str],
+                     **config) -> dict[str, quantrt.QuantizedTransformer]:
+    """backend -> a QuantizedTransformer of a deep copy of `model`, quantized with `backend` (and QuantConfig's
+    other arguments `config`)."""
     return {backend: quantrt.QuantizedTransformer.from_model(
-        copy.deepcopy(model), QuantConfig(scheme, group_size=group_size, backend=backend), progress=False)
+        copy.deepcopy(model), QuantConfig(scheme, group_size=group_size, backend=backend, **config), progress=False)
         for backend in backends}
 
 

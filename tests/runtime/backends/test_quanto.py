@@ -1,24 +1,24 @@
-import copy
-import importlib.util
+"""The quanto backend: quanto's weights built from quantrt's codes (8-bit ones as views of the buffers), against the
+reference and torchao; what it cannot serve; the copies it keeps; the quanto qtype of each format."""
 
+import copy
+
+import optimum.quanto as quanto
 import pytest
 import torch
 
-pytest.importorskip("optimum.quanto")
+import quantrt
+from quantrt import QuantConfig
+from quantrt.backends import BackendUnavailable, get_backend
+from quantrt.backends.quanto import qtype_name
+from quantrt.formats import QUANTO_QTYPES
+from quantrt.schemes import QUANTO_WEIGHTS, resolve_scheme
 
-import quantrt  # noqa: E402
-from quantrt import QuantConfig  # noqa: E402
-from quantrt.backends import BackendUnavailable, get_backend  # noqa: E402
-from quantrt.schemes import resolve_scheme  # noqa: E402
-
-from .backend_cases import (  # noqa: E402
-    backends_of, case_id, flux_inputs, linear_model, quantized_copies, tiny_flux, tolerance,
-)
+from .cases import backends_of, case_id, flux_inputs, linear_model, quantized_copies, tiny_flux, tolerance
 
 CPU = torch.device("cpu")
 # torch warns that torchao/quanto tensor subclasses cannot be hashed for its AOT autograd cache
 COMPILE_WARNINGS = pytest.mark.filterwarnings("ignore:.*_stable_hash_for_caching:UserWarning")
-HAS_TORCHAO = importlib.util.find_spec("torchao") is not None
 SERVED = [("int8wo", None), ("int4wo", 32), ("int4wo", 128), ("uint4wo", 16), ("uint2wo", 32),
           ("float8wo_e4m3", None), ("float8wo_e5m2", None)]
 
@@ -40,13 +40,31 @@ def test_linear_matches_reference(case, dtype):
 def test_tiny_flux_matches_reference_and_torchao(case):
     scheme, group_size = case
     dtype = torch.bfloat16
-    backends = ["reference", "quanto"] + (["torchao"] if HAS_TORCHAO else [])
+    backends = ["reference", "quanto", "torchao"]
     qts = quantized_copies(tiny_flux(dtype), scheme, group_size, backends)
     inputs = flux_inputs(dtype)
     with torch.no_grad():
         outputs = {backend: qt(**inputs)[0] for backend, qt in qts.items()}
     for backend in backends[1:]:
         torch.testing.assert_close(outputs[backend], outputs["reference"], **tolerance(scheme, dtype))
+
+
+def test_every_quanto_qtype_quantrt_names_is_quantos_with_the_formats_bits_and_dtype():
+    for qtype, storage in QUANTO_QTYPES.items():
+        theirs = quanto.qtypes[qtype]
+        assert theirs.bits == storage.bits, qtype
+        # 8-bit codes are quanto's data as they are (fp8 viewed as quanto's float8 dtype); packed ones are repacked
+        assert storage.packed or theirs.dtype == storage.code_dtype, qtype
+        scheme = QUANTO_WEIGHTS[qtype]
+        assert scheme.storage == storage and scheme.weight_only and QUANTO_WEIGHTS[qtype[1:]] == scheme
+    assert set(QUANTO_QTYPES) == set(quanto.qtypes) - {"qfloat8_e4m3fnuz"}  # fnuz: ROCm's fp8, no quantrt format
+
+
+@pytest.mark.parametrize("name, qtype", [("int8wo", "qint8"), ("int4wo", "qint4"), ("uint4wo", "qint4"),
+                                         ("uint2wo", "qint2"), ("float8wo_e4m3", "qfloat8_e4m3fn"),
+                                         ("float8wo_e5m2", "qfloat8_e5m2")])
+def test_qtype_of_each_served_scheme(name, qtype):
+    assert qtype_name(resolve_scheme(name)) == qtype
 
 
 def test_quanto_weight_is_a_frozen_quanto_tensor_outside_the_state_dict():

@@ -12,23 +12,30 @@ import subprocess
 import sys
 import textwrap
 
+import optimum.quanto
 import pytest
 import torch
 import torch.nn as nn
+import torchao
 
-pytest.importorskip("torchao")
-pytest.importorskip("optimum.quanto")
+import quantrt
+import quantrt.backends as backends
+from quantrt import QuantConfig
+from quantrt.backends import Backend, BackendUnavailable, usable_backends
+from quantrt.backends.quanto import quanto_version
+from quantrt.backends.torchao import torchao_version
+from quantrt.schemes import resolve_scheme
 
-import quantrt  # noqa: E402
-import quantrt.backends as backends  # noqa: E402
-from quantrt import QuantConfig  # noqa: E402
-from quantrt.backends import Backend, BackendUnavailable, usable_backends  # noqa: E402
-from quantrt.schemes import resolve_scheme  # noqa: E402
-
-from .backend_cases import backends_of, linear_model, quantized_copies, tolerance  # noqa: E402
+from .cases import DYNAMIC, WEIGHT_ONLY, backends_of, linear_model, quantized_copies, tolerance
 
 CPU = torch.device("cpu")
 real_get_backend = backends.get_backend
+
+
+def test_torchao_and_quanto_are_installed_and_serve_on_cpu():
+    # both are dependencies: the tests here count on them, and auto falls back silently where one is missing
+    assert torchao_version() == torchao.__version__ and quanto_version() == optimum.quanto.__version__
+    assert {"aten", "torchao", "quanto", "reference"} <= set(usable_backends(resolve_scheme("int8wo"), CPU))
 
 
 class ShapeLimitedStandIn(Backend):
@@ -339,8 +346,6 @@ def test_a_backend_that_keeps_a_copy_serves_only_when_asked_for_by_name_and_says
 @pytest.mark.parametrize("backend", ["aten", "torchao", "quanto", "reference"])
 def test_the_copy_auto_predicts_is_the_copy_the_layer_keeps(backend):
     # auto decides from Backend.copy_bytes before a layer is built; extra_bytes counts what the built layer keeps
-    from .backend_cases import DYNAMIC, WEIGHT_ONLY
-
     checked = 0
     for scheme, group_size in WEIGHT_ONLY + DYNAMIC:
         for dtype in (torch.float32, torch.bfloat16):

@@ -14,7 +14,7 @@ from quantrt.backends import aten
 from quantrt.kernels.packing import pack_uintx, unpack_uintx
 from quantrt.schemes import resolve_scheme
 
-from .backend_cases import backends_of, case_id, flux_inputs, quantized_copies, tiny_flux, tolerance
+from .cases import backends_of, case_id, flux_inputs, quantized_copies, tiny_flux, tolerance
 
 CPU = torch.device("cpu")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
