@@ -56,7 +56,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .backends import ORDER, _reason, requested_backend
+from .backends import ORDER, backend_and_reason, requested_backend
 from .devices import device_name
 from .examples import run_examples
 from .config import QuantConfig
@@ -408,7 +408,7 @@ def _backends_to_try(scheme: Scheme, device: torch.device, shape: tuple[int, int
     names = ORDER if requested == "auto" else (requested,)
     backends = []
     for name in names:
-        backend, reason = _reason(name, scheme, device, shape, dtype)
+        backend, reason = backend_and_reason(name, scheme, device, shape, dtype)
         if reason is None and name == "triton" and device.type != "cuda" and requested == "auto":
             reason = ("on CPU the Triton interpreter is not measured (it proves kernel code, it is no deploy "
                       "target); ask for it with backend='triton'")
@@ -612,24 +612,25 @@ def _reuse_problem(plan: AutoquantPlan, model: nn.Module, config: QuantConfig) -
     return None
 
 
-def choose_config(model: nn.Module, examples: list[Any], *,
-                  candidates: Sequence[str | Scheme | QuantConfig | None] | None = None, max_error: float | None = None,
-                  objective: str | None = None, config: QuantConfig | None = None, plan: AutoquantPlan | None = None,
+def autoquant_config(config: QuantConfig | None, candidates: Sequence[str | Scheme | QuantConfig | None] | None,
+                     max_error: float | None, objective: str | None) -> tuple[QuantConfig, AutoquantPlan | None]:
+    """The QuantConfig("autoquant", ...) that `quantrt.autoquant`'s options ask for (`config`, or `candidates`,
+    `max_error` and `objective`, not both), without a plan, and the plan `config` carried (None if none)."""
+    if config is None:
+        return QuantConfig("autoquant", candidates=candidates, max_error=max_error, objective=objective), None
+    config = to_quant_config(config)
+    if not config.is_autoquant:
+        raise ValueError(f"autoquant needs QuantConfig('autoquant', ...), got {config!r}")
+    if candidates is not None or max_error is not None or objective is not None:
+        raise TypeError("give candidates, max_error and objective either in config or as arguments, not both")
+    return apply_plan(config, None), config.autoquant_plan
+
+
+def choose_config(model: nn.Module, examples: list[Any], config: QuantConfig, plan: AutoquantPlan | None = None, *,
                   timer: Timer | None = None, repeats: int = 5, max_rows: int = 256,
                   progress: bool | None = None) -> QuantConfig:
-    """The QuantConfig that `quantrt.autoquant` quantizes `model` with: each layer's scheme and backend chosen by
-    measuring them on `examples` (module docstring), or taken from `plan` (or the plan `config` carries) while
-    it is valid here. Options as in `quantrt.autoquant`."""
-    if config is None:
-        config = QuantConfig("autoquant", candidates=candidates, max_error=max_error, objective=objective)
-    else:
-        config = to_quant_config(config)
-        if not config.is_autoquant:
-            raise ValueError(f"autoquant needs QuantConfig('autoquant', ...), got {config!r}")
-        if candidates is not None or max_error is not None or objective is not None:
-            raise TypeError("give candidates, max_error and objective either in config or as arguments, not both")
-        plan = plan or config.autoquant_plan
-        config = apply_plan(config, None)  # the options as given; a plan it carries is `plan` now
+    """`config` (an autoquant config without a plan) with each layer's scheme and backend chosen by measuring them
+    on `examples` (module docstring), or taken from `plan` while it is valid for `model` here."""
     if plan is not None:
         problem = _reuse_problem(plan, model, config)
         if problem:

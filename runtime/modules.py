@@ -14,7 +14,7 @@ from .config import QuantConfig
 from .interop import to_quant_config
 from .schemes import Scheme
 
-_QUANTIZE_CHUNK = 2**20  # weights quantized at a time by QuantizedLinear.set_weight
+QUANTIZE_CHUNK = 2**20  # weights quantized at a time by QuantizedLinear.set_weight
 
 
 class QuantizedLinear(nn.Module):
@@ -82,7 +82,7 @@ class QuantizedLinear(nn.Module):
         # rows quantize independently (all but the per-tensor fp8 scales), so big weights go in chunks of
         # ~1M values: the same result, and quantizing's float32 temporaries (~9x the input for uintX's range
         # search) stay bounded instead of growing with the layer (quantize-on-load's peak memory)
-        rows = self.out_features if self.scheme.per_tensor else max(1, _QUANTIZE_CHUNK // max(1, self.in_features))
+        rows = self.out_features if self.scheme.per_tensor else max(1, QUANTIZE_CHUNK // max(1, self.in_features))
         starts = list(range(0, self.out_features, rows)) or [0]
         parts = [self.scheme.quantize(weight[start:start + rows]) for start in starts]
         for key in parts[0]:

@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.nn as nn
 
-from .autoquant import AutoquantPlan, Timer, choose_config, explain, restore_plan
+from .autoquant import AutoquantPlan, Timer, autoquant_config, choose_config, explain, restore_plan
 from .backends import resident_bytes, select_backend
 from .calibrate import calibrate
 from .checkpoints.on_load import quantize_folder
@@ -440,8 +440,8 @@ def autoquant(model: nn.Module, example_inputs: Iterable[Any], *,
     if isinstance(model, QuantizedTransformer):
         raise TypeError("this model is already a QuantizedTransformer; autoquant the original model")
     examples = list(example_inputs) if not isinstance(example_inputs, (dict, torch.Tensor)) else [example_inputs]
-    config = choose_config(model, examples, candidates=candidates, max_error=max_error, objective=objective,
-                           config=config, plan=plan, timer=timer, repeats=repeats, max_rows=max_rows,
+    config, carried = autoquant_config(config, candidates, max_error, objective)
+    config = choose_config(model, examples, config, plan or carried, timer=timer, repeats=repeats, max_rows=max_rows,
                            progress=progress)
     qt = QuantizedTransformer.from_model(model, config, progress=progress)
     if any(layer.scheme.activation == "fp8_static" for layer in qt.quantized_layers().values()):

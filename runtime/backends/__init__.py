@@ -157,7 +157,7 @@ def requested_backend(argument: str = "auto") -> str:
     return env or "auto"
 
 
-def _reason(name: str, scheme: Scheme, device: torch.device, shape: tuple[int, int] | None,
+def backend_and_reason(name: str, scheme: Scheme, device: torch.device, shape: tuple[int, int] | None,
             dtype: torch.dtype | None) -> tuple[Backend | None, str | None]:
     """(backend, why it cannot serve: None if it can) for the backend `name`."""
     try:
@@ -206,9 +206,9 @@ def select_backend(scheme: Scheme, device: torch.device, argument: str = "auto",
     source = "backend=" if argument not in ("", "auto") else "QUANTRT_BACKEND"
     where = f"layer {layer_name!r}: " if layer_name else ""
     if requested != "auto":
-        backend, reason = _reason(requested, scheme, device, shape, dtype)
+        backend, reason = backend_and_reason(requested, scheme, device, shape, dtype)
         if reason:
-            usable = [name for name in ORDER if _reason(name, scheme, device, shape, dtype)[1] is None]
+            usable = [name for name in ORDER if backend_and_reason(name, scheme, device, shape, dtype)[1] is None]
             raise BackendUnavailable(
                 f"{where}backend {requested!r} (asked for through {source}) cannot serve scheme "
                 f"{scheme.name} on device {device}: {reason}. Use backend='auto' to fall back, or one of: "
@@ -218,7 +218,7 @@ def select_backend(scheme: Scheme, device: torch.device, argument: str = "auto",
         return backend, f"asked for ({source})" + (f"; {cost}" if cost else "")
     passed = []
     for name in ORDER:
-        backend, reason = _reason(name, scheme, device, shape, dtype)
+        backend, reason = backend_and_reason(name, scheme, device, shape, dtype)
         if reason is None and name == "triton" and device.type != "cuda":
             # the interpreter proves kernel code but is orders of magnitude slower than any other backend
             reason = "on CPU the Triton interpreter runs only when asked for (backend='triton')"
@@ -238,4 +238,4 @@ def select_backend(scheme: Scheme, device: torch.device, argument: str = "auto",
 def usable_backends(scheme: Scheme, device: torch.device) -> list[str]:
     """Names of the backends that can serve `scheme` on `device`, in selection order (whether or not they would
     keep a copy, which depends on the layer)."""
-    return [name for name in ORDER if _reason(name, scheme, torch.device(device), None, None)[1] is None]
+    return [name for name in ORDER if backend_and_reason(name, scheme, torch.device(device), None, None)[1] is None]

@@ -43,13 +43,13 @@ CUDA kernels has not been checked here.
 from __future__ import annotations
 
 import functools
-from importlib.metadata import PackageNotFoundError, version as package_version
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from ..formats import FORMATS
+from ..version import distribution_version
 from . import Backend
 
 if TYPE_CHECKING:
@@ -61,14 +61,6 @@ QTYPE_NAMES = {name: storage.quanto_qtype for name, storage in FORMATS.items() i
 
 
 @functools.cache
-def quanto_version() -> str | None:
-    """The installed optimum-quanto's version, or None if it is not installed."""
-    try:
-        return package_version("optimum-quanto")
-    except PackageNotFoundError:
-        return None
-
-
 @functools.cache
 def _quanto():
     """optimum.quanto, imported on first use."""
@@ -117,7 +109,7 @@ class QuantoBackend(Backend):
         device = torch.device(device)
         if device.type not in ("cpu", "cuda"):
             return f"quantrt uses quanto on cpu and cuda devices only, not {device.type}"
-        if quanto_version() is None:
+        if distribution_version("optimum-quanto") is None:
             return "optimum-quanto is not installed (pip install optimum-quanto)"
         try:
             qtype_name(scheme)
@@ -126,7 +118,7 @@ class QuantoBackend(Backend):
         try:
             _quanto()
         except Exception as e:  # a quanto built for another torch fails here in many ways
-            return f"optimum-quanto {quanto_version()} does not import: {type(e).__name__}: {e}"
+            return f"optimum-quanto {distribution_version('optimum-quanto')} does not import: {type(e).__name__}: {e}"
         return None
 
     def copy_bytes(self, scheme: Scheme, device: torch.device, shape: tuple[int, int],

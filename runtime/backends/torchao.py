@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from importlib.metadata import PackageNotFoundError, version as package_version
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -57,6 +56,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels.packing import unpack_uintx
+from ..version import distribution_version
 from . import Backend, BackendUnavailable
 
 if TYPE_CHECKING:
@@ -77,23 +77,15 @@ class TorchaoCannotServe(Exception):
 
 
 @functools.cache
-def torchao_version() -> str | None:
-    """The installed torchao's version, or None if it is not installed."""
-    try:
-        return package_version("torchao")
-    except PackageNotFoundError:
-        return None
-
-
 @functools.cache
 def _quantization_module():
     """torchao.quantization, imported on first use (importing torchao takes seconds)."""
-    if torchao_version() is None:
+    if distribution_version("torchao") is None:
         raise TorchaoCannotServe("torchao is not installed (pip install torchao)")
     try:
         import torchao.quantization as quantization
     except Exception as e:  # a torchao built for another torch fails here in many ways
-        raise TorchaoCannotServe(f"torchao {torchao_version()} does not import with torch {torch.__version__}: "
+        raise TorchaoCannotServe(f"torchao {distribution_version('torchao')} does not import with torch {torch.__version__}: "
                                  f"{type(e).__name__}: {e}") from e
     return quantization
 
@@ -102,7 +94,7 @@ def _config_class(name: str, needed: str):
     """The torchao config class `name`, or TorchaoCannotServe saying which torchao versions have it."""
     cls = getattr(_quantization_module(), name, None)
     if cls is None:
-        raise TorchaoCannotServe(f"torchao {torchao_version()} has no {name} ({needed})")
+        raise TorchaoCannotServe(f"torchao {distribution_version('torchao')} has no {name} ({needed})")
     return cls
 
 
@@ -144,7 +136,7 @@ def _intx_weight_config(scheme: Scheme, device: torch.device, dtype: torch.dtype
     quantization = _quantization_module()
     cls = _config_class("IntxWeightOnlyConfig", "torchao >= 0.12 has it")
     if "granularity" not in _fields(cls):
-        raise TorchaoCannotServe(f"torchao {torchao_version()}'s IntxWeightOnlyConfig takes no granularity; "
+        raise TorchaoCannotServe(f"torchao {distribution_version('torchao')}'s IntxWeightOnlyConfig takes no granularity; "
                                  f"torchao >= 0.14 is needed")
     return _make(cls, weight_dtype=_intx_dtype(scheme.bits), granularity=quantization.PerGroup(scheme.group_size),
                  mapping_type=quantization.MappingType.ASYMMETRIC)
@@ -177,7 +169,7 @@ def _float8_weight_config(scheme: Scheme, device: torch.device, dtype: torch.dty
 def _fpx_weight_config(scheme: Scheme, device: torch.device, dtype: torch.dtype):
     cls = getattr(_quantization_module(), "FPXWeightOnlyConfig", None)
     if cls is None:
-        raise TorchaoCannotServe(f"torchao {torchao_version()} has no FPXWeightOnlyConfig: X-bit floats were "
+        raise TorchaoCannotServe(f"torchao {distribution_version('torchao')} has no FPXWeightOnlyConfig: X-bit floats were "
                                  f"removed in torchao 0.16 (torchao 0.9 .. 0.15 have them, CUDA only)")
     if device.type != "cuda":
         raise TorchaoCannotServe("torchao's FPXWeightOnlyConfig (fp6-llm kernels) runs on CUDA only")
@@ -201,7 +193,7 @@ def _intx_dynamic_config(scheme: Scheme, device: torch.device, dtype: torch.dtyp
     if scheme.bits == 4 and hasattr(quantization, "Int8DynamicActivationInt4WeightConfig"):  # before 0.17
         return _make(quantization.Int8DynamicActivationInt4WeightConfig, group_size=scheme.group_size,
                      mapping_type=quantization.MappingType.ASYMMETRIC)
-    raise TorchaoCannotServe(f"torchao {torchao_version()} has no Int8DynamicActivationIntxWeightConfig with "
+    raise TorchaoCannotServe(f"torchao {distribution_version('torchao')} has no Int8DynamicActivationIntxWeightConfig with "
                              f"weight_granularity (torchao >= 0.14 has it)")
 
 
@@ -372,7 +364,7 @@ class TorchaoBackend(Backend):
             backend_weight = self._quantize(weight, config)
         except Exception as first:
             if not type(config).__name__.startswith("Int4WeightOnly"):
-                raise RuntimeError(f"layer {layer.name!r}: torchao {torchao_version()} failed to quantize its "
+                raise RuntimeError(f"layer {layer.name!r}: torchao {distribution_version('torchao')} failed to quantize its "
                                    f"{tuple(weight.shape)} {dtype} weight with {type(config).__name__} on {device}: "
                                    f"{type(first).__name__}: {first}") from first
             # the CUDA int4 packing refused this layer (shape, GPU): the unpacked intX path serves any layer

@@ -67,6 +67,7 @@ import torch.nn as nn
 import triton
 
 from ..config import QuantConfig
+from ..formats import ATEN_INT4_KERNEL
 from ..kernels import quantize, tuning
 from ..kernels.packing import unpack_uintx
 from ..metrics import relative_error
@@ -817,7 +818,7 @@ def build_torch_int4(layers: list, device: torch.device) -> Built:
     from quantrt's int4 codes. tinygemm computes w = (q - 8) * scale + offset per group; quantrt stores
     w = (q - zero) * scale, so offset = (8 - zero) * scale."""
     scheme = layers[0].scheme
-    if scheme.weight != "uintx" or scheme.bits != 4:
+    if scheme.storage.aten_kernel != ATEN_INT4_KERNEL:  # the CPU twin of the CUDA kernel timed here
         raise ProviderSkip("torch's int4 kernel serves 4-bit integer weights only")
     if scheme.group_size not in (32, 64, 128, 256):
         raise ProviderSkip(f"torch's int4 kernel takes groups of 32, 64, 128 or 256, not {scheme.group_size}")
@@ -849,7 +850,7 @@ def build_torch_int4(layers: list, device: torch.device) -> Built:
 
 
 def _build_torchao(layers: list, device: torch.device) -> Built:
-    if layers[0].scheme.weight == "uintx":
+    if layers[0].scheme.storage.has_zero:  # the integer codes with zero points: the int4 formats
         raise ProviderSkip("this check times torchao for int8 and fp8; int4 is torch's own int4 kernel (torch-int4)")
     return build_torchao(layers, device)
 

@@ -43,7 +43,6 @@ import torch.nn.functional as F
 
 from ..backends import get_backend
 from ..kernels.packing import unpack_uintx
-from ..kernels.quantize import FP8_DTYPES
 from ..metrics import relative_error
 from ..modules import QuantizedLinear
 from ..schemes import Scheme, resolve_scheme
@@ -145,20 +144,6 @@ class Built:
     kernel_for: Callable[[torch.Tensor], str] | None = None  # the kernel a given x takes, where it depends on M
 
 
-def scheme_format(scheme: Scheme):
-    """The kernels' WeightFormat (quantrt.kernels.formats) of a weight-only scheme."""
-    from ..kernels.floatx import FP8_FORMATS  # Triton kernels: imported late (note at the imports)
-    from ..kernels.formats import FLOATX, INT8, UINTX, WeightFormat
-
-    if scheme.weight == "int8":
-        return WeightFormat(INT8, 8)
-    if scheme.weight == "uintx":
-        return WeightFormat(UINTX, scheme.bits)
-    if scheme.weight == "fpx":
-        return WeightFormat(FLOATX, scheme.bits, scheme.ebits, scheme.mbits)
-    return WeightFormat(FLOATX, 8, *FP8_FORMATS[scheme.fp8])
-
-
 def build_quantrt(layers: list[QuantizedLinear], device: torch.device) -> Built:
     """quantrt's Triton kernels on CUDA; off CUDA its pure-torch reference (the interpreter is not timed)."""
     if device.type != "cuda":
@@ -167,9 +152,10 @@ def build_quantrt(layers: list[QuantizedLinear], device: torch.device) -> Built:
     reason = layer.backend.unavailable_reason(layer.scheme, device)
     if reason:
         raise ProviderSkip(reason)
+    from ..backends.triton import weight_format  # Triton kernels: imported late (note at the imports)
     from ..kernels import autotune  # Triton kernels: imported late (note at the imports)
 
-    fmt = scheme_format(layer.scheme)
+    fmt = weight_format(layer.scheme.storage)
 
     def kernel_for(x: torch.Tensor) -> str:
         zero = getattr(layer, "zero", None)
@@ -213,20 +199,17 @@ def build_quanto(layers: list[QuantizedLinear], device: torch.device) -> Built:
     return Built(_linear_calls(weights), f"quanto {version} {qtype} ({kind})", stored_bytes(weights[0]))
 
 
-GEMLITE_BITS = (1, 2, 4, 8)
-
-
 def gemlite_unavailable_reason(scheme: Scheme, device: torch.device) -> str | None:
     """Why gemlite cannot serve `scheme` on `device`, or None."""
     if distribution_version("gemlite") is None:
         return "gemlite is not installed"
     if device.type != "cuda":
         return "gemlite runs on CUDA only"
-    if scheme.weight == "fpx":
-        return f"gemlite has no {scheme.bits}-bit float weights"
-    if scheme.weight == "uintx" and scheme.bits not in GEMLITE_BITS:
-        return f"gemlite packs 1, 2, 4 and 8-bit integer weights, not {scheme.bits}-bit ones"
-    if scheme.weight == "int8" and scheme.group_size is not None:
+    builder = scheme.storage.gemlite_builder
+    if builder is None:
+        return (f"gemlite packs 1, 2, 4 and 8-bit integer weights and fp8 ones, not {scheme.storage.name} "
+                f"({scheme.name})")
+    if builder == "A16W8_INT8" and scheme.group_size is not None:
         return "gemlite's int8 weight-only path (A16W8_INT8) takes one scale per output channel"
     return None
 
@@ -241,13 +224,14 @@ def build_gemlite(layers: list[QuantizedLinear], device: torch.device) -> Built:
         raise ProviderSkip(reason)
     from gemlite import helper  # optional, and CUDA only
 
+    builder = scheme.storage.gemlite_builder
     modules = []
     for layer in layers:
         dtype = layer.scale.dtype
-        if scheme.weight == "int8":
+        if builder == "A16W8_INT8":
             module = helper.A16W8_INT8(device=str(device), dtype=dtype).from_weights(layer.qweight, scales=layer.scale)
-        elif scheme.weight == "fp8":
-            fp8 = FP8_DTYPES[scheme.fp8]
+        elif builder == "A16W8_FP8":
+            fp8 = scheme.storage.code_dtype
             module = helper.A16W8_FP8(device=str(device), dtype=dtype, fp8=fp8).from_weights(
                 layer.qweight.view(fp8), scales=layer.scale)
         else:
@@ -421,28 +405,26 @@ def check_targets(rows: Sequence[Row], provider: str = "quantrt",
         results.append(TargetResult(text, "met" if met else "NOT met",
                                     f"{len(points)} points; slowest {slow.speedup:.2f}x ({slow.shape}, M={slow.m}); "
                                     f"lowest {far.hbm_fraction:.0%} of the HBM floor ({far.shape}, M={far.m})"))
-    text = f"every format >= {TARGET_LARGE_M_SPEEDUP}x of bf16 torch.mm at M >= {TARGET_LARGE_M}, every shape"
-    points = [r for r in timed if r.m >= TARGET_LARGE_M]
-    if not points:
-        results.append(TargetResult(text, "not measured", "no such rows in this run"))
-    else:
-        slow = min(points, key=lambda r: r.speedup)
-        below = sum(r.speedup < TARGET_LARGE_M_SPEEDUP for r in points)
-        results.append(TargetResult(text, "met" if not below else "NOT met",
-                                    f"{len(points)} points, {below} below; slowest {slow.format} {slow.speedup:.2f}x "
-                                    f"({slow.shape}, M={slow.m})"))
-    text = (f"FLUX.1-dev shapes: every format >= {FLUX_TARGET_SPEEDUP}x of bf16 torch.mm at M = {FLUX_TARGET_M} "
-            f"({', '.join(f'{n}x{k}' for n, k in FLUX_SHAPES)})")
-    points = [r for r in timed if (r.n, r.k) in FLUX_SHAPES and r.m == FLUX_TARGET_M]
-    if not points:
-        results.append(TargetResult(text, "not measured", "no such rows in this run"))
-    else:
-        slow = min(points, key=lambda r: r.speedup)
-        below = sum(r.speedup < FLUX_TARGET_SPEEDUP for r in points)
-        results.append(TargetResult(text, "met" if not below else "NOT met",
-                                    f"{len(points)} points, {below} below; slowest {slow.format} {slow.speedup:.2f}x "
-                                    f"({slow.shape})"))
+    results.append(speedup_floor_target(
+        f"every format >= {TARGET_LARGE_M_SPEEDUP}x of bf16 torch.mm at M >= {TARGET_LARGE_M}, every shape",
+        [r for r in timed if r.m >= TARGET_LARGE_M], TARGET_LARGE_M_SPEEDUP, with_m=True))
+    results.append(speedup_floor_target(
+        f"FLUX.1-dev shapes: every format >= {FLUX_TARGET_SPEEDUP}x of bf16 torch.mm at M = {FLUX_TARGET_M} "
+        f"({', '.join(f'{n}x{k}' for n, k in FLUX_SHAPES)})",
+        [r for r in timed if (r.n, r.k) in FLUX_SHAPES and r.m == FLUX_TARGET_M], FLUX_TARGET_SPEEDUP, with_m=False))
     return results
+
+
+def speedup_floor_target(text: str, points: Sequence[Row], floor: float, with_m: bool) -> TargetResult:
+    """The target "every point's speed-up over bf16 >= floor" over `points`: met, NOT met (how many fall below,
+    the slowest), or not measured."""
+    if not points:
+        return TargetResult(text, "not measured", "no such rows in this run")
+    slow = min(points, key=lambda r: r.speedup)
+    below = sum(r.speedup < floor for r in points)
+    where = f"{slow.shape}, M={slow.m}" if with_m else slow.shape
+    return TargetResult(text, "met" if not below else "NOT met",
+                        f"{len(points)} points, {below} below; slowest {slow.format} {slow.speedup:.2f}x ({where})")
 
 
 def speedup_pivot(rows: Sequence[Row], ms: Sequence[int]) -> tuple[list[str], list[list[str]]]:

@@ -54,7 +54,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 
-from ..backends.torchao import TorchaoCannotServe, torchao_config, torchao_version
+from ..backends.torchao import TorchaoCannotServe, torchao_config
 from ..calibrate import calibrate
 from ..compile import repeated_blocks
 from ..config import AUTOQUANT_MAX_ERROR, QuantConfig
@@ -62,6 +62,7 @@ from ..metrics import relative_error
 from ..models import FLUX_SIZES, FLUX_TOKENS, LLM_SIZES, build_flux, build_llm, flux_inputs
 from ..schemes import Scheme, resolve_scheme
 from ..tables import format_table
+from ..version import distribution_version
 from ..transformer import QuantizedTransformer, autoquant
 from .common import (Outputs, Run, median_ms, pick_device, private_tuning_table, script_main, smoke_threads,
                      stored_bytes, synchronize)
@@ -214,7 +215,7 @@ def _quantize_torchao(model: nn.Module, scheme: Scheme, device: torch.device, dt
     names = {name for name, module in model.named_modules()
              if type(module) is nn.Linear and scheme.unsupported_reason(module.out_features, module.in_features) is None}
     quantize_(model, config, filter_fn=lambda module, fqn: fqn in names)
-    return model, f"torchao {torchao_version()} {type(config).__name__} x{len(names)}"
+    return model, f"torchao {distribution_version('torchao')} {type(config).__name__} x{len(names)}"
 
 
 def _regional_compile(model: nn.Module, mode: str) -> int:

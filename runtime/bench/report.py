@@ -140,14 +140,32 @@ def write_text(path: Path, lines: Sequence[str]) -> Path:
     return path
 
 
-class CsvLog:
-    """A CSV file written a row at a time and flushed, so that a run cut short (a time limit, a crashed GPU)
-    still leaves every point it measured. Rows are dataclass instances with the fields of `headers`."""
+class FlushedFile:
+    """A results file opened for writing (its folder made), closed by `with`; subclasses flush what they write,
+    so that a run cut short (a time limit, a crashed GPU) still leaves every row it wrote."""
+
+    def __init__(self, path: Path, newline: str | None = None):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._file: TextIO = open(path, "w", newline=newline)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class CsvLog(FlushedFile):
+    """A CSV file written a row at a time and flushed. Rows are dataclass instances with the fields of
+    `headers`."""
 
     def __init__(self, path: Path, headers: Sequence[str]):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path, self.headers = path, list(headers)
-        self._file = open(path, "w", newline="")
+        super().__init__(path, newline="")
+        self.headers = list(headers)
         self._writer = csv.writer(self._file)
         self._writer.writerow(self.headers)
         self._file.flush()
@@ -155,15 +173,6 @@ class CsvLog:
     def write(self, row: Any) -> None:
         self._writer.writerow(["" if getattr(row, h) is None else getattr(row, h) for h in self.headers])
         self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()
-
-    def __enter__(self) -> CsvLog:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def markdown_text(value: Any) -> str:
@@ -177,14 +186,9 @@ def markdown_row(cells: Sequence[Any]) -> str:
     return "| " + " | ".join(markdown_text(c) for c in cells) + " |"
 
 
-class MarkdownLog:
-    """A markdown file written a line at a time and flushed, like CsvLog: a run cut short leaves every table
-    row it wrote. Tables are unpadded (their rows are written before the widths are known)."""
-
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self._file: TextIO = open(path, "w")
+class MarkdownLog(FlushedFile):
+    """A markdown file written a line at a time and flushed, like CsvLog. Tables are unpadded (their rows are
+    written before the widths are known)."""
 
     def write(self, *lines: str) -> None:
         self._file.write("".join(line + "\n" for line in lines))
@@ -196,15 +200,6 @@ class MarkdownLog:
 
     def row(self, cells: Sequence[Any]) -> None:
         self.write(markdown_row(cells))
-
-    def close(self) -> None:
-        self._file.close()
-
-    def __enter__(self) -> MarkdownLog:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def pyplot():

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -16,6 +16,7 @@ from ..modules import install_skeleton
 from ..schemes import Scheme, resolve_scheme
 from ..serialization import (CONFIG_NAME, CheckpointError, build_skeleton, indexed_shard, inside, json_kind,
                              read_index, read_json)
+from .reader import ShardedReader, release_freed_memory
 
 
 def unquantized_weights(folder: Path, required: bool = True) -> tuple[dict[str, Path], dict[str, str] | None]:
@@ -91,7 +92,7 @@ def folder_skeleton(folder: Path, model: nn.Module | Callable[[], nn.Module] | N
 
 def _group_argument(scheme: Scheme) -> int | None:
     """The group_size that makes QuantConfig(scheme.name, group_size=...) this scheme (-1: int8 per channel)."""
-    if scheme.group_size is None and scheme.weight == "int8":
+    if scheme.group_size is None and scheme.storage.takes_group_size:
         return -1
     return scheme.group_size
 
@@ -137,6 +138,18 @@ def install_layer(skeleton: nn.Module, name: str, scheme: Scheme, tensors: dict[
         setattr(layer, key, value.to(device))
     if bias is not None:
         layer.bias = bias.to(device=device, dtype=dtype)
+
+
+def install_from_shards(skeleton: nn.Module, shards: ShardedReader, name: str, scheme: Scheme,
+                        tensors: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device,
+                        read: Iterable[str], consumed: set[str]) -> None:
+    """`install_layer` with the layer's bias from `shards`; the keys `read` for it (and the bias) join `consumed`,
+    and the pages of the read tensors go back to the OS."""
+    bias = shards.read(f"{name}.bias") if f"{name}.bias" in shards else None
+    install_layer(skeleton, name, scheme, tensors, bias, dtype, device)
+    consumed.update(read)
+    consumed.add(f"{name}.bias")
+    release_freed_memory()
 
 
 def set_plain_tensor(skeleton: nn.Module, expected: dict[str, torch.Tensor], name: str, tensor: torch.Tensor,

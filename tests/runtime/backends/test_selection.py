@@ -21,10 +21,9 @@ import torchao
 import quantrt
 import quantrt.backends as backends
 from quantrt import QuantConfig
-from quantrt.backends import Backend, BackendUnavailable, usable_backends
-from quantrt.backends.quanto import quanto_version
-from quantrt.backends.torchao import torchao_version
+from quantrt.backends import Backend, BackendUnavailable, select_backend, usable_backends
 from quantrt.schemes import resolve_scheme
+from quantrt.version import distribution_version
 
 from .cases import DYNAMIC, WEIGHT_ONLY, backends_of, linear_model, quantized_copies, tolerance
 
@@ -34,7 +33,7 @@ real_get_backend = backends.get_backend
 
 def test_torchao_and_quanto_are_installed_and_serve_on_cpu():
     # both are dependencies: the tests here count on them, and auto falls back silently where one is missing
-    assert torchao_version() == torchao.__version__ and quanto_version() == optimum.quanto.__version__
+    assert distribution_version("torchao") == torchao.__version__ and distribution_version("optimum-quanto") == optimum.quanto.__version__
     assert {"aten", "torchao", "quanto", "reference"} <= set(usable_backends(resolve_scheme("int8wo"), CPU))
 
 
@@ -400,3 +399,39 @@ def test_what_auto_picks_on_cpu_compiles_once_and_a_fresh_process_hits_the_fx_gr
     assert runs[0]["counters"].get("fxgraph_cache_miss", 0) >= 1
     assert runs[1]["counters"].get("fxgraph_cache_hit", 0) >= 1, runs[1]
     assert runs[1]["counters"].get("fxgraph_cache_miss", 0) == 0, runs[1]
+
+
+def fake_gpu(monkeypatch, capability: tuple[int, int], name: str) -> None:
+    """torch.cuda answers as if a GPU of `capability` were here (selection only: nothing runs on it)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.delenv("QUANTRT_BACKEND", raising=False)
+
+
+@pytest.mark.parametrize("scheme", ["float8dq_e4m3_tensor", "float8dq_e4m3_row"])
+def test_float8_dynamic_activations_below_sm89_fall_back_or_raise(monkeypatch, scheme):
+    cuda = torch.device("cuda")
+    fake_gpu(monkeypatch, (8, 6), "NVIDIA A10")
+    assert usable_backends(resolve_scheme(scheme), cuda) == ["reference"]
+    backend, why = select_backend(resolve_scheme(scheme), cuda, "auto", "blocks.0.attn")
+    assert backend.name == "reference"
+    assert "torchao: torchao's float8 dynamic activation quantization needs compute capability >= 8.9" in why
+    assert "NVIDIA A10 has 8.6" in why
+    with pytest.raises(BackendUnavailable) as error:
+        select_backend(resolve_scheme(scheme), cuda, "torchao", "blocks.0.attn")
+    for words in ("layer 'blocks.0.attn'", "'torchao'", scheme, ">= 8.9", "8.6", "backend='auto'", "reference"):
+        assert words in str(error.value)
+    fake_gpu(monkeypatch, (9, 0), "NVIDIA H100")
+    assert select_backend(resolve_scheme(scheme), cuda, "auto")[0].name == "torchao"
+
+
+def test_own_kernels_below_sm80_fall_back_or_raise(monkeypatch):
+    cuda = torch.device("cuda")
+    fake_gpu(monkeypatch, (7, 5), "Tesla T4")
+    backend, why = select_backend(resolve_scheme("int4wo"), cuda, "auto")
+    assert backend.name == "torchao" and "triton: the kernels need a GPU of compute capability 8.0" in why
+    with pytest.raises(BackendUnavailable, match="compute capability 8.0"):
+        select_backend(resolve_scheme("int4wo"), cuda, "triton", "proj_out")
+    fake_gpu(monkeypatch, (8, 0), "NVIDIA A100")
+    assert select_backend(resolve_scheme("int4wo"), cuda, "auto")[0].name == "triton"

@@ -13,6 +13,8 @@ from quantrt.backends.triton import weight_format
 from quantrt.formats import FORMATS, FP8_BITS
 from quantrt.kernels.floatx import FP8_FORMATS
 from quantrt.kernels.formats import FLOATX, INT8, UINTX
+from quantrt.kernels.ops import use_reference
+from quantrt.modules import QuantizedLinear
 from quantrt.schemes import resolve_scheme
 
 from .cases import backends_of, case_id, quantized_copies
@@ -100,3 +102,16 @@ def test_forward_traces_without_graph_breaks(case):
     torch._dynamo.reset()
     compiled = torch.compile(qt, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(x), qt(x))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("scheme", ["int8wo", "uint4wo", "fp6_e3m2", "float8wo_e4m3"])
+def test_the_ops_take_an_empty_batch(scheme, dtype):
+    # QuantizedLinear answers M = 0 before any backend runs; the kernels must take it too (interpreter path)
+    linear = nn.Linear(128, 48, dtype=dtype)
+    layer = QuantizedLinear.from_linear(linear, resolve_scheme(scheme, 32 if scheme == "uint4wo" else None),
+                                        get_backend("triton"), "up")
+    x = torch.randn(0, 128, dtype=dtype)
+    assert not use_reference(x)
+    y = layer.backend.linear(layer, x)
+    assert y.shape == (0, 48) and y.dtype == dtype
