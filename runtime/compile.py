@@ -404,12 +404,33 @@ class CompiledForward:
             args, kwargs, sizes = pad_inputs(args, kwargs)
         key = signature(args, kwargs)
         if key in self.compiled_signatures:
-            output = self.fn(*args, **kwargs)
+            output = self._strict_call(args, kwargs) if self._serving_strictly() else self.fn(*args, **kwargs)
         elif self._recording is not None:
             output = self._warm_call(key, args, kwargs, *self._recording)
         else:
             output = self._first_call(key, args, kwargs)[0]
         return unpad_outputs(output, sizes) if sizes else output
+
+    def _serving_strictly(self) -> bool:
+        return self.options.strict and self.warmed and self._recording is None
+
+    def _strict_call(self, args: tuple, kwargs: dict) -> Any:
+        """A warmed signature in strict mode: its graph must serve as compiled. Dynamo also recompiles a graph of
+        the same input shapes when one of its guards fails (a Python float or module attribute the graph read
+        changed since warmup, such as a LoRA scale set by assignment); under the "fail_on_recompile" stance
+        that is an error too, reported as a RecompileError."""
+        try:
+            with torch.compiler.set_stance("fail_on_recompile"):
+                return self.fn(*args, **kwargs)
+        except RuntimeError as e:
+            if "recompile" not in str(e).lower() or isinstance(e, RecompileError):
+                raise
+            reason = str(e).strip().splitlines()[0]
+            raise RecompileError(f"strict mode: inputs {shape_label(args, kwargs)} were warmed, but this call would "
+                                 f"recompile their graph: something the graph depends on changed since warmup (a "
+                                 f"Python number or module attribute it reads, e.g. a scale assigned as a float): "
+                                 f"{reason}. Keep it fixed while serving or hold it in a tensor (filled in place), "
+                                 f"or compile with strict=False") from e
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[WarmupReport]:

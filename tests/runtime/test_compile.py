@@ -117,6 +117,31 @@ def test_strict_mode_still_lets_warmup_add_shapes(warmed):
         qt(torch.randn(12, 64))
 
 
+class Scaled(nn.Module):
+    """A model whose forward reads a Python float: Dynamo guards on its value."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = mlp()
+        self.scale = 0.5
+
+    def forward(self, x):
+        return self.inner(x) * self.scale
+
+
+def test_strict_mode_refuses_a_guard_recompile_of_a_warmed_shape():
+    qt = QuantizedTransformer.from_model(Scaled(), QuantConfig("int8wo", backend="reference"), progress=False)
+    qt.compile(mode=MODE, cache=False, strict=True)
+    qt.warmup([torch.randn(3, 64)], progress=False)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        expected = qt.model(x)
+        torch.testing.assert_close(qt(x), expected, rtol=1e-5, atol=1e-5)
+        qt.model.scale = 0.25  # the graph guarded on 0.5: serving it would recompile
+        with pytest.raises(RecompileError, match=r"0=3x64 were warmed, but this call would recompile"):
+            qt(x)
+
+
 def test_another_autograd_mode_is_another_graph_and_strict_says_so(tmp_path):
     qt = quantized_mlp().compile(mode=MODE, cache=False, strict=True)
     qt.warmup([torch.randn(3, 64)], progress=False)  # no_grad, as pipelines serve
