@@ -6,6 +6,7 @@ import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any, Mapping, Sequence
 
 from .schemes import PARAMETRIZED, Scheme, resolve_scheme
@@ -18,6 +19,16 @@ AUTOQUANT = "autoquant"
 AUTOQUANT_CANDIDATES = ("int8wo", "int8dq", "int4wo", "float8wo_e4m3", "fp6_e3m2")
 AUTOQUANT_OBJECTIVES = ("speed", "memory")
 AUTOQUANT_MAX_ERROR = 0.05
+
+
+class QuantMethod(str, Enum):
+    """The `quant_method` under which diffusers and transformers know a QuantConfig (quantrt.integrations
+    registers it with their loaders): the libraries read `quant_method.value` and write it to config.json."""
+
+    QUANTRT = "quantrt"
+
+    def __str__(self) -> str:  # the libraries' messages format it with f"{quant_method}": "quantrt"
+        return self.value
 
 
 @dataclass(frozen=True)
@@ -49,7 +60,12 @@ class QuantConfig:
     QuantConfig("autoquant", candidates=["int8wo", "int4wo"], max_error=0.05, objective="speed") chooses a
     scheme and backend per layer by measuring them on example inputs (`quantrt.autoquant`); candidates are
     scheme names, Schemes, QuantConfigs (for a group_size) or None (full precision competes too).
+
+    After `import quantrt` it is also a `quantization_config=` of diffusers' and transformers' `from_pretrained`
+    (quantrt.integrations), which find it by `quant_method`.
     """
+
+    quant_method = QuantMethod.QUANTRT
 
     def __init__(
         self,

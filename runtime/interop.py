@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .config import QuantConfig
+from .config import QuantConfig, QuantMethod
 from .schemes import FP8_WEIGHT_DTYPES, PARAMETRIZED, Scheme
 
 # torchao config classes that quantrt maps (any torchao version that had them)
@@ -298,6 +298,12 @@ def _from_quant_method(obj: Any, method: str, backend: str) -> QuantConfig:
     get = (lambda k, d=None: obj.get(k, d)) if isinstance(obj, Mapping) else (lambda k, d=None: getattr(obj, k, d))
     # as given: QuantConfig takes a lone string as one name (list() would split it into characters)
     skip = get("modules_to_not_convert") or None
+    if method == QuantMethod.QUANTRT.value:  # quantrt's own, in the form diffusers / transformers write it
+        data = dict(obj) if isinstance(obj, Mapping) else obj.to_dict()
+        if "scheme" not in data:
+            raise ValueError(f"a quantrt quantization config names its scheme, e.g. {{'quant_method': 'quantrt', "
+                             f"'scheme': 'int8wo'}}; got {sorted(data)}")
+        return QuantConfig.from_dict(data)
     if method == "torchao":
         quant_type = get("quant_type")
         if isinstance(quant_type, Mapping) and "default" in quant_type and len(quant_type) == 1:
@@ -320,7 +326,7 @@ def _from_quant_method(obj: Any, method: str, backend: str) -> QuantConfig:
             raise ValueError("a quanto quantization config without weights_dtype cannot be mapped")
         return QuantConfig(weights_dtype=str(getattr(weights, "name", weights)), modules_to_not_convert=skip,
                            backend=backend)
-    raise ValueError(f"quantrt maps torchao and quanto quantization configs, not quant_method={method!r} "
+    raise ValueError(f"quantrt maps its own, torchao and quanto quantization configs, not quant_method={method!r} "
                      f"(bitsandbytes, GGUF and modelopt formats are not quantrt schemes)")
 
 

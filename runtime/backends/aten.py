@@ -43,6 +43,9 @@ import torch.nn.functional as F
 from ..formats import ATEN_INT4_KERNEL, ATEN_INT8_KERNEL
 from . import COPY_LIMIT, Backend, BackendUnavailable, scheme_bytes
 
+# the alignment torch's CPU weight-only kernels assume of their operands (the CPU allocator's)
+KERNEL_ALIGNMENT = 64
+
 if TYPE_CHECKING:
     from ..modules import QuantizedLinear
     from ..schemes import Scheme
@@ -235,6 +238,11 @@ class AtenBackend(Backend):
         layer.int4_scales_and_offsets = layer.int4_layout = None
         if layer.qweight.is_meta:  # a skeleton before its tensors are loaded: nothing to build yet
             return
+        for name, tensor in list(layer.named_buffers(recurse=False)):
+            if tensor.device.type == "cpu" and tensor.data_ptr() % KERNEL_ALIGNMENT:
+                # a view into a checkpoint's memory map (diffusers' and transformers' loaders keep those), at
+                # safetensors' 8-byte alignment: torch's CPU int8/int4 kernels crash on it, they expect 64
+                setattr(layer, name, tensor.clone())
         scheme, shape = layer.scheme, (layer.out_features, layer.in_features)
         dtype, device = layer.scale.dtype, layer.qweight.device
         reason = self.unavailable_reason(scheme, device) or self.layer_unavailable_reason(scheme, device, shape, dtype)

@@ -10,9 +10,10 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from ..config import QuantConfig
+from ..config import QuantConfig, QuantMethod
 from ..serialization import CONFIG_NAME, CheckpointError, OutsideFolderError, inside
-from .common import folder_quantization_config, folder_skeleton, loaded_quant_config, unquantized_weights
+from .common import (folder_quantization_config, folder_skeleton, loaded_quant_config, read_folder_json,
+                     unquantized_weights)
 from .quanto import QUANTO_MAP_FILES, load_quanto_layers
 from .reader import SafetensorsReader, ShardedReader
 from .torchao import load_torchao_layers
@@ -50,6 +51,14 @@ def foreign_format(path: str | os.PathLike) -> str | None:
     method = quantization.get("quant_method") if quantization else None
     if method in ("quanto", "torchao"):
         return method
+    if method == QuantMethod.QUANTRT.value:
+        by_transformers = "transformers_version" in (read_folder_json(folder, "config.json") or {})
+        library, example = (("transformers", "AutoModelForCausalLM") if by_transformers
+                            else ("diffusers", "FluxTransformer2DModel"))
+        raise CheckpointError(f"{folder} is a {library} folder that {library}'s save_pretrained wrote with "
+                              f"quantization_config=quantrt.QuantConfig(...): load it with {library}'s own loader "
+                              f"(e.g. {example}.from_pretrained(folder)) after `import quantrt`; it loads quantized, "
+                              f"as saved")
     if method is not None:
         raise CheckpointError(f"{folder} was quantized with {method!r} (config.json quantization_config), which "
                               f"quantrt cannot load; quantrt reads quanto and torchao checkpoints, or quantizes the "

@@ -242,3 +242,12 @@ def test_a_lone_string_modules_to_not_convert_from_a_library_config_is_one_name(
     mapped = to_quant_config(config)
     assert mapped.modules_to_not_convert == ["proj_out"]
     assert mapped.plan("proj_out").scheme is None and mapped.plan("o").scheme is not None
+
+
+def test_quantrts_own_config_in_a_librarys_dict_form_maps_back():
+    config = QuantConfig("int4wo", group_size=64, modules_to_not_convert=["proj_out"], backend="reference")
+    data = {"quant_method": "quantrt", **config.to_dict()}
+    mapped = to_quant_config(data)
+    assert mapped.to_dict() == config.to_dict()
+    with pytest.raises(ValueError, match="a quantrt quantization config names its scheme"):
+        to_quant_config({"quant_method": "quantrt", "group_size": 64})

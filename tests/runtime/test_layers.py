@@ -37,6 +37,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("quantrt.autoquant",),
     ("quantrt.transformer",),
     ("quantrt.pipelines",),
+    ("quantrt.integrations",),  # diffusers/transformers quantizers: registered with the libraries
     ("quantrt.demo", "quantrt.cli"),
     ("quantrt.bench",),
     ("quantrt", "quantrt.__main__"),  # the public API and the program: they import everything

@@ -275,3 +275,24 @@ def test_tiny_flux_matches_reference():
     with torch.no_grad():
         expected, actual = qts["reference"](**inputs)[0], qts["auto"](**inputs)[0]
     torch.testing.assert_close(actual, expected, **tolerance("int4wo", dtype))
+
+
+@pytest.mark.parametrize("scheme, group_size", [("int8wo", None), ("int4wo", 32)], ids=["int8", "int4"])
+def test_buffers_at_a_memory_maps_8_byte_alignment_are_copied_before_the_kernels_read_them(scheme, group_size):
+    # diffusers' and transformers' loaders leave views into a safetensors memory map, aligned to 8 bytes only;
+    # torch's CPU weight-only kernels crash on those
+    linear = nn.Linear(128, 64, dtype=torch.bfloat16)
+    expected = quantrt.QuantizedTransformer.from_model(nn.Sequential(copy.deepcopy(linear)), quantrt.QuantConfig(
+        scheme, group_size=group_size, backend="reference"), progress=False).model[0]
+    layer = copy.deepcopy(expected)
+    for name, tensor in layer.tensors().items():
+        raw = torch.empty(tensor.numel() * tensor.element_size() + 8, dtype=torch.uint8)
+        shifted = raw[8:].view(tensor.dtype).view(tensor.shape)  # 8 bytes past a 64-byte-aligned start
+        shifted.copy_(tensor)
+        assert shifted.data_ptr() % 64 == 8
+        setattr(layer, name, shifted)
+    layer.backend = get_backend("aten")
+    layer.backend.prepare(layer)
+    assert all(t.data_ptr() % 64 == 0 for t in layer.buffers())
+    x = torch.randn(5, 128, dtype=torch.bfloat16)
+    torch.testing.assert_close(layer(x), expected(x), **tolerance(scheme, torch.bfloat16))

@@ -25,3 +25,15 @@ def test_foreign_folders_are_routed_or_refused_clearly(tmp_path):
     (unquantized / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="'bitsandbytes'"):
         QuantizedTransformer.from_pretrained(unquantized)
+
+
+@pytest.mark.parametrize("library, loader", [("diffusers", "FluxTransformer2DModel"),
+                                             ("transformers", "AutoModelForCausalLM")])
+def test_a_folder_a_library_saved_with_quantrts_config_points_to_the_librarys_loader(tmp_path, library, loader):
+    folder = tmp_path / library
+    folder.mkdir()
+    config = {"quantization_config": {"quant_method": "quantrt"}}
+    config["transformers_version" if library == "transformers" else "_diffusers_version"] = "1"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=rf"{library}'s own loader \(e.g. {loader}.from_pretrained"):
+        QuantizedTransformer.from_pretrained(folder)
