@@ -7,6 +7,8 @@
   each scheme through quantrt and torchao, eager and compiled, plus an autoquant row;
 - compile (`quantrt.bench.compile`, benchmarks/bench_compile.py): a cold compile against a warm start from
   the compile cache, each in its own process;
+- lora (`quantrt.bench.lora`, benchmarks/bench_lora.py): a LoRA on a quantized FLUX, unfused cost per rank
+  against the forward without it, fused against unfused error (needs peft);
 - check (`quantrt.bench.check`, benchmarks/gpu_check.py): the GPU check in one bounded run: precompile,
   parity with float64, torch.compile without graph breaks, speed and targets.
 
@@ -22,12 +24,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 from typing import Any
 
 BENCHMARKS = {  # `quantrt bench NAME`: the module quantrt.bench.NAME and its one-line summary
     "kernels": "weight-only matmul kernels against bf16 torch.mm, torchao, quanto, gemlite",
     "model": "FLUX and Llama end to end: bf16 against each scheme, eager and compiled",
     "compile": "cold compile against a warm start from the compile cache",
+    "lora": "LoRA on a quantized FLUX: unfused cost per rank, fused against unfused error",
     "check": "the GPU check in one bounded run: precompile, parity, torch.compile, speed and targets",
 }
 
@@ -44,7 +48,8 @@ def add_bench_command(commands: Any, load_benchmarks: bool) -> None:
     with `load_benchmarks`, which the program sets when the command is `bench`: their options and
     descriptions matter only then, and any other command starts faster without them."""
     bench = commands.add_parser("bench", help="`bench kernels`, `bench model`, `bench compile` (cold against warm "
-                                      "start) and `bench check` (the GPU check); results in benchmarks/results/",
+                                      "start), `bench lora` and `bench check` (the GPU check); results in "
+                                      "benchmarks/results/",
                                 description="Benchmarks that write a markdown table, a CSV and a PNG plot to "
                                             "benchmarks/results/ (--out-dir). Without CUDA they run a reduced CPU "
                                             "smoke run that checks they work, not their numbers.")
@@ -54,7 +59,13 @@ def add_bench_command(commands: Any, load_benchmarks: bool) -> None:
             benchmarks.add_parser(name, help=summary)
             continue
         # imported by name so that other commands never load it; a module of this package, below it
-        module = importlib.import_module(f"{__name__}.{name}")
+        try:
+            module = importlib.import_module(f"{__name__}.{name}")
+        except ImportError as e:  # a library only this benchmark needs (lora: peft): the others still run
+            missing = benchmarks.add_parser(name, help=f"{summary} (unavailable: {e})")
+            missing.set_defaults(func=lambda args, e=e, name=name: print(
+                f"quantrt bench {name} cannot run: {e}; pip install \"quantrt[bench]\"", file=sys.stderr) or 1)
+            continue
         parser = benchmarks.add_parser(name, help=summary, description=module.__doc__,
                                        formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(parser)

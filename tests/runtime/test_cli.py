@@ -76,7 +76,7 @@ except SystemExit:
 print("loaded:", sorted(m for m in sys.modules if m.startswith("quantrt.bench.")))
 """
 ALL_BENCHMARKS = ["quantrt.bench.check", "quantrt.bench.common", "quantrt.bench.compile", "quantrt.bench.kernels",
-                  "quantrt.bench.model", "quantrt.bench.report"]
+                  "quantrt.bench.lora", "quantrt.bench.model", "quantrt.bench.report"]
 
 
 @pytest.mark.parametrize("argv, loaded, in_help", [
@@ -104,3 +104,12 @@ def test_bench_without_a_benchmark_prints_help(capsys):
     assert main(["bench"]) == 2
     out = capsys.readouterr().out
     assert "kernels" in out and "model" in out and "compile" in out and "check" in out
+
+
+def test_a_benchmark_whose_library_is_missing_says_so_and_the_others_still_run(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "quantrt.bench.lora", None)  # importing it raises ImportError
+    assert main(["bench", "lora"]) == 1
+    assert 'quantrt bench lora cannot run' in capsys.readouterr().err
+    with pytest.raises(SystemExit) as done:
+        main(["bench", "compile", "--help"])
+    assert done.value.code == 0 and "--cpu-smoke" in capsys.readouterr().out
