@@ -67,6 +67,13 @@ def register_lora_pipeline(module: ModuleType) -> None:
     integration.patch_diffusers_lora_pipeline(module)
 
 
+def register_peft_hotswap(module: ModuleType) -> None:
+    """Keep LoRA layers' lora_alpha in step with a hot swap's scaling (module: peft.utils.hotswap)."""
+    from . import peft as integration
+
+    integration.patch_peft_hotswap(module)
+
+
 # module whose import makes a registration possible -> (library, registration)
 HOOKS: dict[str, tuple[str, Callable[[ModuleType], None]]] = {
     "diffusers.quantizers.auto": ("diffusers", register_diffusers),
@@ -75,6 +82,7 @@ HOOKS: dict[str, tuple[str, Callable[[ModuleType], None]]] = {
     # LoRA: a failure here never marks diffusers' quantizer registration as failed
     "peft.tuners.lora.model": ("peft", register_peft),
     "diffusers.loaders.lora_pipeline": ("peft", register_lora_pipeline),
+    "peft.utils.hotswap": ("peft", register_peft_hotswap),
 }
 
 

@@ -11,9 +11,13 @@ the codes it replaced, which `unmerge` (`unfuse_lora`) puts back exactly.
 `patch_diffusers_lora_pipeline()` lets FLUX's pipeline-level `load_lora_weights` pass quantrt layers: its
 `_maybe_expand_lora_state_dict` reads `<layer>.weight` from the state dict, which a QuantizedLinear does not have.
 
-quantrt.integrations runs `register()` when `peft.tuners.lora.model` is imported and
-`patch_diffusers_lora_pipeline()` when `diffusers.loaders.lora_pipeline` is; both are idempotent and reversible
-(`unregister()`).
+`patch_peft_hotswap()` works around a PEFT bug: a hot swap sets each layer's scaling to the new LoRA's alpha/rank
+but leaves the layer's `lora_alpha` and `r` at the first LoRA's, from which `set_scale` (diffusers'
+`set_adapters(weights=...)`) computes the scaling, so weights set after a swap scaled the old LoRA's alpha/rank.
+
+quantrt.integrations runs `register()` when `peft.tuners.lora.model` is imported, `patch_diffusers_lora_pipeline()`
+when `diffusers.loaders.lora_pipeline` is and `patch_peft_hotswap()` when `peft.utils.hotswap` is; all are idempotent
+and reversible (`unregister()`).
 """
 
 from __future__ import annotations
@@ -190,6 +194,9 @@ def register(module: ModuleType | None = None) -> None:
     pipeline = sys.modules.get("diffusers.loaders.lora_pipeline")
     if pipeline is not None and hasattr(pipeline, "FluxLoraLoaderMixin"):  # fully imported, not mid-import
         patch_diffusers_lora_pipeline(pipeline)
+    hotswap = sys.modules.get("peft.utils.hotswap")
+    if hotswap is not None and hasattr(hotswap, "_update_scaling"):
+        patch_peft_hotswap(hotswap)
 
 
 def quantrt_first(original: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
@@ -256,8 +263,35 @@ def check_lora_shape(key: str, value: torch.Tensor, layers: dict[str, QuantizedL
                      f"{want}; the LoRA was trained for another model (a quantized weight cannot be expanded)")
 
 
+def patch_peft_hotswap(module: ModuleType | None = None) -> None:
+    """Keep a LoRA layer's `lora_alpha` in step with the scaling a hot swap sets (module: peft.utils.hotswap).
+    PEFT's `hotswap_adapter_from_state_dict` sets `scaling = alpha / rank` of the new LoRA through `_update_scaling`
+    and leaves `lora_alpha` and `r` at the first LoRA's; `set_scale(adapter, weight)` (diffusers' set_adapters)
+    then sets `weight · lora_alpha / r`, the first LoRA's scaling. After the swap, `lora_alpha` is set so that
+    `lora_alpha / r` (or / sqrt(r), rsLoRA) is the new scaling. Any LoRA layer (also PEFT's own lora.Linear on a
+    full-precision layer): a model mixing both would otherwise scale them inconsistently. Idempotent."""
+    if module is None:
+        import peft.utils.hotswap as module
+    original = module._update_scaling
+    if getattr(original, MARK, False):
+        return
+
+    def _update_scaling(lora_module: nn.Module, adapter_name: str, scaling: float) -> None:
+        original(lora_module, adapter_name, scaling)
+        alphas, ranks = getattr(lora_module, "lora_alpha", None), getattr(lora_module, "r", None)
+        if isinstance(alphas, dict) and isinstance(ranks, dict) and adapter_name in ranks:
+            rank = ranks[adapter_name]
+            rslora = getattr(lora_module, "use_rslora", {}).get(adapter_name, False)
+            alphas[adapter_name] = float(scaling) * (math.sqrt(rank) if rslora else rank)
+
+    setattr(_update_scaling, MARK, True)
+    _update_scaling.__wrapped__ = original
+    module._update_scaling = _update_scaling
+
+
 def unregister() -> None:
-    """Undo register() and patch_diffusers_lora_pipeline(). Layers wrapped already stay wrapped."""
+    """Undo register(), patch_diffusers_lora_pipeline() and patch_peft_hotswap(). Layers wrapped already stay
+    wrapped."""
     current = LoraModel.__dict__["_create_new_module"].__func__
     if getattr(current, MARK, False):
         LoraModel._create_new_module = staticmethod(current.__wrapped__)
@@ -267,6 +301,10 @@ def unregister() -> None:
         current = mixin.__dict__["_maybe_expand_lora_state_dict"].__func__
         if getattr(current, MARK, False):
             mixin._maybe_expand_lora_state_dict = classmethod(current.__wrapped__)
+    hotswap = sys.modules.get("peft.utils.hotswap")
+    current = getattr(hotswap, "_update_scaling", None)
+    if getattr(current, MARK, False):
+        hotswap._update_scaling = current.__wrapped__
 
 
 def is_registered() -> bool:

@@ -1,7 +1,8 @@
 """quantrt.integrations.peft: LoRA beside quantized layers through PEFT (inject_adapter_in_model, get_peft_model,
 PeftModel.from_pretrained) and diffusers (load_lora_adapter, a FluxPipeline's load_lora_weights, set_adapters,
-disable/enable, fuse/unfuse, unload), each against a float reference; layers kept in full precision; shape errors;
-a compiled hot swap that recompiles nothing."""
+disable/enable, fuse/unfuse, unload), each against a float reference; kohya and XLabs FLUX LoRAs that diffusers
+converts; layers kept in full precision; shape errors; a compiled hot swap that recompiles nothing, with
+torch.compile and with quantrt's strict compile + warmup."""
 
 import copy
 import json
@@ -17,7 +18,7 @@ from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from safetensors.torch import save_file
 
 import quantrt
-from quantrt import QuantConfig, QuantizedLinear
+from quantrt import QuantConfig, QuantizedLinear, QuantizedTransformer, RecompileError
 from quantrt.integrations import peft as integration
 from quantrt.models import build_flux, flux_inputs
 
@@ -68,7 +69,9 @@ def float_twin(model):
 
 def write_lora(model, path, rank, alpha, seed, targets=TARGETS, prefix=""):
     """A LoRA in diffusers' saved form (`<prefix><layer>.lora_A.weight`, rank and alpha in the metadata) for the
-    layers of `model` that `targets` name, with random A and B. prefix="transformer.": a pipeline's LoRA."""
+    layers of `model` that `targets` name, with random A and B. prefix="transformer.": a pipeline's LoRA.
+    A model's `load_lora_adapter(path)` reads the metadata (and so lora_alpha) only with use_safetensors=True;
+    without it every scaling is 1."""
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
     for name, layer in model.named_modules():
@@ -159,8 +162,8 @@ def test_named_adapters_set_adapters_disable_unload_fuse_unfuse(model, loras):
     base, stored = forward(model), codes(model)
     reference = float_twin(model)
     for name in ("style", "detail"):
-        model.load_lora_adapter(loras[name], adapter_name=name, prefix=None)
-        reference.load_lora_adapter(loras[name], adapter_name=name, prefix=None)
+        model.load_lora_adapter(loras[name], adapter_name=name, prefix=None, use_safetensors=True)
+        reference.load_lora_adapter(loras[name], adapter_name=name, prefix=None, use_safetensors=True)
     assert type(model.get_submodule("transformer_blocks.0.attn.to_q")) is integration.QuantizedLoraLinear
     # a LoRA on a layer kept in full precision: PEFT's own lora.Linear, as on any nn.Linear
     assert type(model.get_submodule("proj_out")) is PeftLoraLinear
@@ -178,7 +181,7 @@ def test_named_adapters_set_adapters_disable_unload_fuse_unfuse(model, loras):
     model.unload_lora()
     assert not any(isinstance(layer, PeftLoraLinear) for layer in model.modules())
     assert torch.equal(forward(model), base)
-    model.load_lora_adapter(loras["style"], adapter_name="style", prefix=None)
+    model.load_lora_adapter(loras["style"], adapter_name="style", prefix=None, use_safetensors=True)
 
     # fuse_lora(lora_scale): each layer's codes are the scheme's quantization of the merged float weight
     expected = {}
@@ -210,7 +213,7 @@ def test_a_lora_of_another_shape_names_the_layer_and_the_shapes(model, loras, tm
     bad = write_lora(wide, tmp_path / "bad.safetensors", rank=4, alpha=4, seed=0, targets=["to_q"])
     # PEFT's load_state_dict error names the layer and both shapes
     with pytest.raises(RuntimeError, match=r"to_q\.lora_A\.bad\.weight: .*\[4, 48\].*\[4, 128\]"):
-        copy.deepcopy(model).load_lora_adapter(bad, adapter_name="bad", prefix=None)
+        copy.deepcopy(model).load_lora_adapter(bad, adapter_name="bad", prefix=None, use_safetensors=True)
     pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), transformer=copy.deepcopy(model), **ABSENT)
     bad = write_lora(wide, tmp_path / "bad_pipe.safetensors", rank=4, alpha=4, seed=0, targets=["to_q"],
                      prefix="transformer.")
@@ -247,6 +250,74 @@ def test_pipeline_load_lora_weights_set_adapters_fuse_unload(model, tmp_path):
     assert all(torch.equal(v, stored[n][k]) for n, t in codes(transformer).items() for k, v in t.items())
 
 
+def write_community_lora(path, layout, rank=8, seed=5, hidden=128):
+    """A FLUX LoRA in a community layout that diffusers converts on load, for the tiny FLUX (one double and one
+    single block, hidden 128): kohya / sd-scripts (`lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight`,
+    `.lora_up.weight`, `.alpha`) or XLabs (`double_blocks.0.processor.qkv_lora1.down.weight`). The fused qkv LoRAs
+    are the ones diffusers splits into to_q/to_k/to_v (add_q/k/v_proj): lora_A copied, lora_B cut in three.
+    Single blocks' linear1 is left out: diffusers splits it with FLUX.1's sizes (3072, 12288) hard-coded.
+    Returns the path and {diffusers layer: (lora_up rows, lora_down, scale)} for the qkv layers."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors, expected = {}, {}
+
+    def add(key, out_features, in_features, alpha=None, split=None):
+        down = torch.randn(rank, in_features, generator=generator) / 8
+        up = torch.randn(out_features, rank, generator=generator) / 8
+        if layout == "kohya":
+            tensors.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up})
+            if alpha is not None:
+                tensors[f"{key}.alpha"] = torch.tensor(float(alpha))
+        else:
+            tensors.update({f"{key}.down.weight": down, f"{key}.up.weight": up})
+        scale = (alpha if alpha is not None and layout == "kohya" else rank) / rank
+        for i, layer in enumerate(split or []):
+            expected[layer] = (up[i * hidden:(i + 1) * hidden], down, scale)
+
+    block = "transformer_blocks.0.attn."
+    if layout == "kohya":
+        add("lora_unet_double_blocks_0_img_attn_qkv", 3 * hidden, hidden, alpha=4,
+            split=[block + n for n in ("to_q", "to_k", "to_v")])
+        add("lora_unet_double_blocks_0_txt_attn_qkv", 3 * hidden, hidden, alpha=16,
+            split=[block + n for n in ("add_q_proj", "add_k_proj", "add_v_proj")])
+        add("lora_unet_double_blocks_0_img_attn_proj", hidden, hidden, alpha=8)
+        add("lora_unet_double_blocks_0_img_mlp_0", 4 * hidden, hidden)
+        add("lora_unet_double_blocks_0_img_mlp_2", hidden, 4 * hidden, alpha=2)
+        add("lora_unet_single_blocks_0_linear2", hidden, 5 * hidden, alpha=8)  # proj_out: kept in full precision
+    else:
+        add("double_blocks.0.processor.qkv_lora1", 3 * hidden, hidden,
+            split=[block + n for n in ("to_q", "to_k", "to_v")])
+        add("double_blocks.0.processor.qkv_lora2", 3 * hidden, hidden,
+            split=[block + n for n in ("add_q_proj", "add_k_proj", "add_v_proj")])
+        add("double_blocks.0.processor.proj_lora1", hidden, hidden)
+        add("double_blocks.0.processor.proj_lora2", hidden, hidden)
+    save_file(tensors, path)
+    return str(path), expected
+
+
+@pytest.mark.parametrize("layout", ["kohya", "xlabs"])
+def test_pipeline_loads_community_flux_loras_that_diffusers_converts(model, tmp_path, layout):
+    path, expected = write_community_lora(tmp_path / f"{layout}.safetensors", layout)
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), transformer=copy.deepcopy(model), **ABSENT)
+    reference = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), transformer=float_twin(model), **ABSENT)
+    transformer = pipe.transformer
+    base = forward(transformer)
+    pipe.load_lora_weights(path, adapter_name=layout)
+    reference.load_lora_weights(path, adapter_name=layout)
+    wrapped = {name: type(layer) for name, layer in transformer.named_modules() if isinstance(layer, PeftLoraLinear)}
+    assert set(expected) < set(wrapped) and all(wrapped[name] is integration.QuantizedLoraLinear for name in expected)
+    if layout == "kohya":
+        assert wrapped["single_transformer_blocks.0.proj_out"] is PeftLoraLinear  # kept in full precision
+    # the split qkv: each of to_q/to_k/to_v gets the shared lora_down and its third of lora_up, alpha/rank folded in
+    for name, (up, down, scale) in expected.items():
+        delta = transformer.get_submodule(name).get_delta_weight(layout)
+        torch.testing.assert_close(delta, up @ down * scale)
+    lora = forward(transformer)
+    torch.testing.assert_close(lora, forward(reference.transformer))
+    assert (lora - base).norm() > 0.01 * base.norm()
+    pipe.unload_lora_weights()
+    assert torch.equal(forward(transformer), base)
+
+
 # -- compiled hot swap ------------------------------------------------------------------------------------------
 
 def test_compiled_hotswap_recompiles_nothing_and_lora_weights_are_graph_inputs(model, tmp_path):
@@ -258,11 +329,11 @@ def test_compiled_hotswap_recompiles_nothing_and_lora_weights_are_graph_inputs(m
     eager = {}
     for name in loras:
         copied = copy.deepcopy(model)
-        copied.load_lora_adapter(loras[name], adapter_name="default", prefix=None)
+        copied.load_lora_adapter(loras[name], adapter_name="default", prefix=None, use_safetensors=True)
         eager[name] = forward(copied)
     model = copy.deepcopy(model)
     model.enable_lora_hotswap(target_rank=16)
-    model.load_lora_adapter(loras["style"], adapter_name="default", prefix=None)
+    model.load_lora_adapter(loras["style"], adapter_name="default", prefix=None, use_safetensors=True)
 
     graphs = []
 
@@ -277,7 +348,8 @@ def test_compiled_hotswap_recompiles_nothing_and_lora_weights_are_graph_inputs(m
     assert inputs.count("lora_A") == inputs.count("lora_B") > 0 and "scaling" in inputs
     with torch.compiler.set_stance("fail_on_recompile"):
         for name in ("detail", "small", "style"):  # ranks 8 and 4, alphas 16 and 2, all padded to rank 16
-            model.load_lora_adapter(loras[name], adapter_name="default", prefix=None, hotswap=True)
+            model.load_lora_adapter(loras[name], adapter_name="default", prefix=None, use_safetensors=True,
+                                    hotswap=True)
             torch.testing.assert_close(forward(compiled), eager[name])
         model.set_adapters(["default"], weights=[0.5])  # the scaling tensors change in place
         half = forward(compiled)
@@ -285,3 +357,56 @@ def test_compiled_hotswap_recompiles_nothing_and_lora_weights_are_graph_inputs(m
         torch.testing.assert_close(forward(compiled), eager["style"])
     assert len(graphs) == 1
     assert not torch.allclose(half, eager["style"])
+
+
+def test_quantrt_compile_strict_warmup_then_pipeline_hotswap_serves_without_recompiling(tmp_path):
+    """quantrt's own compile path: Inductor (qt.compile, strict), warmup, then a LoRA hot-swapped through the
+    pipeline. Strict mode serves warmed shapes under the "fail_on_recompile" stance, so a guard recompile would
+    raise RecompileError (shown at the end by assigning a float scaling). Inductor on 2 shared CPU cores: 35-50 s
+    with an empty Inductor cache, 15 s warm."""
+    qt = QuantizedTransformer.from_model(build_flux("tiny", dtype=torch.float32),
+                                         QuantConfig("int8wo", backend="reference", modules_to_not_convert=KEEP),
+                                         progress=False)
+    targets = [t for t in TARGETS if t not in KEEP]  # see the test above: quantized layers only
+    loras = {name: write_lora(qt.model, tmp_path / f"{name}.safetensors", rank, alpha, seed, targets,
+                              prefix="transformer.")
+             for name, rank, alpha, seed in [("style", 8, 8, 1), ("detail", 4, 16, 2)]}
+    eager = {}
+    for name in loras:
+        copied = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), transformer=copy.deepcopy(qt.model),
+                              **ABSENT)
+        copied.load_lora_weights(loras[name], adapter_name="default")
+        eager[name] = forward(copied.transformer)
+        copied.set_adapters(["default"], adapter_weights=[0.5])
+        eager[f"{name} x0.5"] = forward(copied.transformer)
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), transformer=qt.model, **ABSENT)
+    pipe.enable_lora_hotswap(target_rank=16)
+    pipe.load_lora_weights(loras["style"], adapter_name="default")
+
+    torch._dynamo.reset()
+    qt.compile(mode="default", strict=True, cache=False)
+    inputs = flux_inputs(qt.model)
+    report = qt.warmup([inputs], progress=False)
+    assert [row.recompiles for row in report] == [0]
+    tolerance = dict(atol=1e-4, rtol=1e-4)  # Inductor fuses and reorders fp32 reductions
+
+    def serve():
+        with torch.no_grad():
+            return qt(**inputs)[0]
+
+    torch.testing.assert_close(serve(), eager["style"], **tolerance)
+    pipe.load_lora_weights(loras["detail"], adapter_name="default", hotswap=True)  # rank 4, alpha 16: padded
+    torch.testing.assert_close(serve(), eager["detail"], **tolerance)
+    layer = qt.model.get_submodule("transformer_blocks.0.attn.to_q")
+    assert type(layer) is integration.QuantizedLoraLinear and layer.lora_A["default"].weight.shape[0] == 16
+    assert layer.scaling["default"].item() == 4.0  # 16 / 4
+    # set_adapters after a swap scales the new LoRA's alpha / rank (PEFT alone keeps the first LoRA's: 8 / 8)
+    pipe.set_adapters(["default"], adapter_weights=[0.5])  # scalings filled in place
+    torch.testing.assert_close(serve(), eager["detail x0.5"], **tolerance)
+    assert layer.scaling["default"].item() == 2.0
+    pipe.set_adapters(["default"], adapter_weights=[1.0])
+    torch.testing.assert_close(serve(), eager["detail"], **tolerance)
+
+    layer.scaling["default"] = 0.5  # a float where the graph read a tensor: its guard fails
+    with pytest.raises(RecompileError, match="were warmed, but this call would recompile"):
+        serve()
