@@ -122,7 +122,7 @@ def raw_safetensors(file: Path, header: dict, data: bytes) -> Path:
     return file
 
 
-# --- 1. a regex in a stored quant_config is never evaluated ---------------------------------------------
+# 1. a regex in a stored quant_config is never evaluated
 
 # (.+)+! on a name without "!" backtracks through every split of the name: 2**len(name) steps, so any
 # evaluation of it on this name would run for centuries
@@ -202,7 +202,7 @@ def test_save_pretrained_stores_overrides_by_layer_name(tmp_path):
     torch.testing.assert_close(loaded(x), qt(x), rtol=0, atol=0)
 
 
-# --- 2. configs named by the JSON: no network, no file elsewhere ------------------------------------------
+# 2. configs named by the JSON: no network, no file elsewhere
 
 
 @pytest.fixture
@@ -247,7 +247,7 @@ def test_a_class_name_that_is_not_a_string_is_refused(tmp_path):
         QuantizedTransformer.from_pretrained(tmp_path / "flux", quantization="int8wo", progress=False)
 
 
-# --- 3. nothing is read outside the folder ----------------------------------------------------------------
+# 3. nothing is read outside the folder
 
 SECRET = b"SECRET-PASSWORD=hunter2;" * 180  # 4320 bytes, recognisable in a message
 
@@ -361,7 +361,7 @@ def test_a_file_that_is_not_safetensors_is_named_without_its_bytes(tmp_path):
     assert_no_leak(str(error.value))
 
 
-# --- 5. overwrite keeps the user's files --------------------------------------------------------------------
+# 5. overwrite keeps the user's files
 
 
 def user_entries(folder: Path) -> dict[str, tuple]:
@@ -464,7 +464,7 @@ def test_an_entry_that_cannot_be_kept_is_refused_before_any_work(tmp_path, monke
     assert [p.name for p in tmp_path.iterdir()] == ["q"]
 
 
-# --- 6. killed saves are swept; saves reach the disk --------------------------------------------------------
+# 6. killed saves are swept; saves reach the disk
 
 
 def dead_pid() -> int:
@@ -524,7 +524,7 @@ def test_a_save_records_its_pid_and_syncs_before_and_after_the_swap(tmp_path, mo
     assert ("fsync", tmp_path.resolve()) in events[swap:]  # the parent, after the rename
 
 
-# --- 7. one tensor, one place -------------------------------------------------------------------------------
+# 7. one tensor, one place
 
 
 def sharded_unquantized(folder: Path) -> tuple[Path, dict[str, torch.Tensor]]:
@@ -594,7 +594,7 @@ def test_the_reader_refuses_tensors_that_share_bytes_as_safetensors_does(tmp_pat
             SafetensorsReader(file)
 
 
-# --- 8. non-finite scales are refused on load -----------------------------------------------------------------
+# 8. non-finite scales are refused on load
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
@@ -632,7 +632,7 @@ def test_scales_that_overflow_torch_dtype_are_refused(tmp_path):
         load(tmp_path / "q", torch_dtype=torch.float16)
 
 
-# --- 12. fp8, int and bool weights on quantize-on-load --------------------------------------------------------
+# 12. fp8, int and bool weights on quantize-on-load
 
 
 @pytest.mark.parametrize("torch_dtype", [None, torch.float16], ids=["as-stored", "float16"])
@@ -667,7 +667,7 @@ def test_non_float_linear_weights_are_refused_naming_the_tensor(tmp_path, dtype)
                                              quantization=QuantConfig("int8wo", modules_to_not_convert=["2"]))
 
 
-# --- 14. errors that name the file, the field and the fix ------------------------------------------------------
+# 14. errors that name the file, the field and the fix
 
 
 @pytest.mark.parametrize("weight_map, problem", [

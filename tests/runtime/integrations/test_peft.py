@@ -97,8 +97,6 @@ def loras(model, tmp_path_factory):
             "small": write_lora(model, folder / "small.safetensors", rank=4, alpha=2, seed=3)}
 
 
-# -- PEFT on single layers --------------------------------------------------------------------------------------
-
 def small_mlp(dtype, scheme="int8wo"):
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.LayerNorm(64), nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64)).to(dtype)
@@ -154,8 +152,6 @@ def test_dora_on_a_quantized_layer_says_why_and_how_to_keep_it():
         inject_adapter_in_model(LoraConfig(r=4, target_modules=["1"], use_dora=True), small_mlp(torch.float32))
 
 
-# -- diffusers, transformer level -------------------------------------------------------------------------------
-
 @pytest.mark.filterwarnings("ignore:Already found a `peft_config`")  # PEFT, on every second adapter
 def test_named_adapters_set_adapters_disable_unload_fuse_unfuse(model, loras):
     model = copy.deepcopy(model)
@@ -206,7 +202,6 @@ def test_named_adapters_set_adapters_disable_unload_fuse_unfuse(model, loras):
             assert torch.equal(value, stored[name][key]), (name, key)
 
 
-
 def test_a_lora_of_another_shape_names_the_layer_and_the_shapes(model, loras, tmp_path):
     wide = build_flux("tiny", dtype=torch.float32)
     wide.transformer_blocks[0].attn.to_q = nn.Linear(48, 64)
@@ -221,8 +216,6 @@ def test_a_lora_of_another_shape_names_the_layer_and_the_shapes(model, loras, tm
                                          r"\[4, 48\].*128x128, int8wo\) needs \[rank, 128\]"):
         pipe.load_lora_weights(bad, adapter_name="bad")
 
-
-# -- diffusers, pipeline level ----------------------------------------------------------------------------------
 
 def test_pipeline_load_lora_weights_set_adapters_fuse_unload(model, tmp_path):
     pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), transformer=copy.deepcopy(model), **ABSENT)
@@ -317,8 +310,6 @@ def test_pipeline_loads_community_flux_loras_that_diffusers_converts(model, tmp_
     pipe.unload_lora_weights()
     assert torch.equal(forward(transformer), base)
 
-
-# -- compiled hot swap ------------------------------------------------------------------------------------------
 
 def test_compiled_hotswap_recompiles_nothing_and_lora_weights_are_graph_inputs(model, tmp_path):
     # quantized layers only: PEFT's own lora.Linear (a full-precision layer) assigns set_adapters' scaling as a
