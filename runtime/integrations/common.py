@@ -84,6 +84,19 @@ class StoredQuantConfig(QuantConfig):
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
 
+class QuantizerTraits:
+    """What quantrt's quantizer tells both libraries about a model it loaded: not trainable (the weights are
+    codes; train a LoRA beside them), compileable (transformers' generate compiles the forward only then)."""
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+    @property
+    def is_compileable(self) -> bool:
+        return True
+
+
 class PageReleaser:
     """Hands back the memory a weight's full-precision source held once the weight is quantized: freed heap
     pages (malloc_trim), and the pages of the checkpoint's memory map that reading the weight brought in. Both

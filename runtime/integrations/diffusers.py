@@ -18,7 +18,7 @@ from diffusers.quantizers import auto as diffusers_auto
 from diffusers.quantizers.base import DiffusersQuantizer
 
 from ..config import QuantConfig, QuantMethod
-from .common import PLACEHOLDER, QuantizeOnLoad, StoredQuantConfig
+from .common import PLACEHOLDER, QuantizeOnLoad, QuantizerTraits, StoredQuantConfig
 
 TESTED_VERSION = "0.42.1"  # the diffusers whose loaders the integration's tests run against
 # what the quantizer overrides or relies on in diffusers' loaders (modeling_utils, model_loading_utils,
@@ -28,7 +28,7 @@ QUANTIZER_METHODS = ("preprocess_model", "postprocess_model", "update_torch_dtyp
                      "_process_model_before_weight_loading", "_process_model_after_weight_loading")
 
 
-class QuantrtDiffusersQuantizer(DiffusersQuantizer):
+class QuantrtDiffusersQuantizer(QuantizerTraits, DiffusersQuantizer):
     """diffusers' quantizer for QuantConfig: swaps the planned Linear layers of the meta model for QuantizedLinear
     and quantizes each weight as diffusers loads it (quantrt.integrations.common); a saved quantrt model's tensors
     are copied as stored."""
@@ -132,13 +132,6 @@ class QuantrtDiffusersQuantizer(DiffusersQuantizer):
     def is_serializable(self) -> bool:
         return True
 
-    @property
-    def is_trainable(self) -> bool:
-        return False
-
-    @property
-    def is_compileable(self) -> bool:
-        return True
 
 
 def check_internals() -> None:

@@ -22,7 +22,8 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..config import QuantConfig, QuantMethod
 from ..modules import QuantizedLinear
-from .common import PLACEHOLDER, QuantizeOnLoad, StoredQuantConfig, check_stored_layers, checkpoint_keys
+from .common import (PLACEHOLDER, QuantizeOnLoad, QuantizerTraits, StoredQuantConfig, check_stored_layers,
+                     checkpoint_keys)
 
 TESTED_VERSION = "5.24.0"  # the transformers whose loaders the integration's tests run against
 
@@ -74,7 +75,7 @@ class QuantrtQuantize(ConversionOps):
         return {}
 
 
-class QuantrtHfQuantizer(HfQuantizer):
+class QuantrtHfQuantizer(QuantizerTraits, HfQuantizer):
     """transformers' quantizer for QuantConfig: swaps the planned Linear layers of the meta model for
     QuantizedLinear and quantizes each weight as transformers loads it (quantrt.integrations.common); a saved
     quantrt model's tensors are loaded as stored, after checking that the checkpoint has every one of them."""
@@ -123,13 +124,6 @@ class QuantrtHfQuantizer(HfQuantizer):
     def is_serializable(self, **kwargs: Any) -> bool:  # a method in transformers, a property in diffusers
         return True
 
-    @property
-    def is_trainable(self) -> bool:
-        return False
-
-    @property
-    def is_compileable(self) -> bool:
-        return True  # generate() compiles the forward only for a quantizer that says so
 
 
 def check_internals() -> None:

@@ -2,6 +2,8 @@
 random safetensors checkpoint written tensor by tensor."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -54,3 +56,34 @@ def write_random_checkpoint(shapes: dict[str, torch.Tensor], file: Path, dtype: 
                 value += 1
             f.write(value.to(dtype).reshape(-1).view(torch.uint8).numpy().tobytes())
     return offset
+
+
+PEAK_RSS_SCRIPT = """
+import json, sys, torch, quantrt
+from {module} import {cls}
+
+def status(field):  # bytes; VmHWM: the peak RSS since the last reset
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(field + ":"))
+
+def load(path):
+    return {cls}.from_pretrained(path, quantization_config=quantrt.QuantConfig("int8wo"), {dtype}=torch.bfloat16)
+
+load(sys.argv[1])  # imports and first-call setup
+with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to VmRSS (Linux >= 4.0)
+    f.write("5")
+before = status("VmRSS")
+model = load(sys.argv[2])
+quantized = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+print(json.dumps({{"growth": status("VmHWM") - before, "quantized": quantized}}))
+"""
+
+
+def peak_rss_of_loading(module: str, cls: str, dtype_argument: str, warm: Path, folder: Path) -> dict[str, int]:
+    """In a fresh process: load `warm` (imports and first-call setup), then measure the peak RSS growth of loading
+    `folder` with `cls.from_pretrained(..., quantization_config=QuantConfig("int8wo"))` in bf16; with the bytes of
+    the loaded model's state."""
+    script = PEAK_RSS_SCRIPT.format(module=module, cls=cls, dtype=dtype_argument)
+    result = subprocess.run([sys.executable, "-c", script, str(warm), str(folder)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])

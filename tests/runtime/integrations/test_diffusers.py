@@ -4,9 +4,7 @@ pipelines; a QuantizedTransformer component saved and reloaded by its pipeline; 
 
 import copy
 import json
-import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -22,7 +20,7 @@ from quantrt import QuantConfig, QuantizedLinear, QuantizedTransformer
 from quantrt.integrations import diffusers as integration
 from quantrt.models import build_flux, flux_inputs
 
-from .helpers import linears, quantized, same_state, write_random_checkpoint
+from .helpers import linears, peak_rss_of_loading, quantized, same_state, write_random_checkpoint
 
 # FluxPipeline without its VAE, CLIP and tokenizers (they hold no Linear layers quantrt would touch)
 ABSENT = dict(vae=None, text_encoder=None, tokenizer=None, tokenizer_2=None)
@@ -223,27 +221,6 @@ def test_a_loaded_model_compiles_without_graph_breaks(flux_folder):
         assert torch.equal(compiled(**flux_inputs(model))[0], forward(model))
 
 
-MEMORY_SCRIPT = textwrap.dedent("""
-    import json, sys, torch, quantrt
-    from diffusers import FluxTransformer2DModel
-
-    def status(field):  # bytes; VmHWM: the peak RSS since the last reset
-        return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(field + ":"))
-
-    def load(path):
-        return FluxTransformer2DModel.from_pretrained(path, quantization_config=quantrt.QuantConfig("int8wo"),
-                                                      torch_dtype=torch.bfloat16)
-
-    load(sys.argv[1])  # imports and first-call setup
-    with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to VmRSS (Linux >= 4.0)
-        f.write("5")
-    before = status("VmRSS")
-    model = load(sys.argv[2])
-    quantized = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    print(json.dumps({"growth": status("VmHWM") - before, "quantized": quantized}))
-""")
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_quantizing_while_loading_peaks_below_the_bf16_size(flux_folder, tmp_path):
     """Peak RSS growth of from_pretrained(quantization_config=QuantConfig("int8wo")) of a ~290 MiB bf16 FLUX in a
@@ -256,10 +233,8 @@ def test_quantizing_while_loading_peaks_below_the_bf16_size(flux_folder, tmp_pat
         skeleton = FluxTransformer2DModel(**config)
     bf16 = write_random_checkpoint(skeleton.state_dict(), tmp_path / "big" / "diffusion_pytorch_model.safetensors")
     skeleton.save_config(tmp_path / "big")
-    result = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(flux_folder), str(tmp_path / "big")],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    measured = peak_rss_of_loading("diffusers", "FluxTransformer2DModel", "torch_dtype", flux_folder,
+                                   tmp_path / "big")
     print(f"\ndiffusers from_pretrained of a {bf16 / 2**20:.0f} MiB bf16 FLUX as int8wo "
           f"({measured['quantized'] / 2**20:.0f} MiB): peak RSS +{measured['growth'] / 2**20:.0f} MiB")
     assert measured["growth"] < bf16, measured

@@ -4,9 +4,7 @@ config, bit for bit; generate; device_map; errors; peak memory."""
 
 import json
 import logging
-import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -20,7 +18,7 @@ from quantrt import QuantConfig, QuantizedLinear
 from quantrt.integrations import transformers as integration
 from quantrt.models import build_llm
 
-from .helpers import linears, quantized, same_state, write_random_checkpoint
+from .helpers import linears, peak_rss_of_loading, quantized, same_state, write_random_checkpoint
 
 IDS = torch.tensor([[1, 17, 300, 42, 7, 99, 511, 3]])
 
@@ -149,27 +147,6 @@ def test_other_transformers_internals_fail_naming_the_version(monkeypatch):
     assert transformers_auto.AUTO_QUANTIZER_MAPPING["quantrt"] is integration.QuantrtHfQuantizer
 
 
-MEMORY_SCRIPT = textwrap.dedent("""
-    import json, sys, torch, quantrt
-    from transformers import LlamaForCausalLM
-
-    def status(field):  # bytes; VmHWM: the peak RSS since the last reset
-        return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(field + ":"))
-
-    def load(path):
-        return LlamaForCausalLM.from_pretrained(path, quantization_config=quantrt.QuantConfig("int8wo"),
-                                                dtype=torch.bfloat16)
-
-    load(sys.argv[1])  # imports and first-call setup
-    with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to VmRSS (Linux >= 4.0)
-        f.write("5")
-    before = status("VmRSS")
-    model = load(sys.argv[2])
-    quantized = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    print(json.dumps({"growth": status("VmHWM") - before, "quantized": quantized}))
-""")
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_quantizing_while_loading_peaks_below_the_bf16_size(llm_folder, tmp_path):
     """Peak RSS growth of from_pretrained(quantization_config=QuantConfig("int8wo")) of a ~300 MiB bf16 Llama in a
@@ -181,10 +158,7 @@ def test_quantizing_while_loading_peaks_below_the_bf16_size(llm_folder, tmp_path
         skeleton = LlamaForCausalLM(config)
     bf16 = write_random_checkpoint(skeleton.state_dict(), tmp_path / "big" / "model.safetensors")
     config.save_pretrained(tmp_path / "big")
-    result = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(llm_folder), str(tmp_path / "big")],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    measured = peak_rss_of_loading("transformers", "LlamaForCausalLM", "dtype", llm_folder, tmp_path / "big")
     print(f"\ntransformers from_pretrained of a {bf16 / 2**20:.0f} MiB bf16 Llama as int8wo "
           f"({measured['quantized'] / 2**20:.0f} MiB): peak RSS +{measured['growth'] / 2**20:.0f} MiB")
     assert measured["growth"] < bf16, measured
