@@ -10,6 +10,9 @@ the codes it replaced, which `unmerge` (`unfuse_lora`) puts back exactly.
 
 `patch_diffusers_lora_pipeline()` lets FLUX's pipeline-level `load_lora_weights` pass quantrt layers: its
 `_maybe_expand_lora_state_dict` reads `<layer>.weight` from the state dict, which a QuantizedLinear does not have.
+It also lets the pipeline-level adapter methods (`set_adapters`, `fuse_lora`, `unload_lora_weights`, ...) see a
+`QuantizedTransformer` wrapper set as a component (`pipe.transformer = qt`): diffusers only acts on components that
+are its `ModelMixin` or transformers' `PreTrainedModel`, so those methods see the wrapped model instead.
 
 `patch_peft_hotswap()` works around a PEFT bug: a hot swap sets each layer's scaling to the new LoRA's alpha/rank
 but leaves the layer's `lora_alpha` and `r` at the first LoRA's, from which `set_scale` (diffusers'
@@ -22,11 +25,13 @@ and reversible (`unregister()`).
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import warnings
+from contextlib import contextmanager
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -36,9 +41,14 @@ from peft.tuners.lora.model import LoraModel
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
 from ..modules import QuantizedLinear
+from ..transformer import QuantizedTransformer
 
 TESTED_VERSION = "0.21.2"  # the peft whose LoRA layer and dispatch the integration's tests run against
 MARK = "_quantrt_lora"  # set on the functions register() installs, to find (and undo) them
+# diffusers' pipeline-level adapter methods (LoraBaseMixin) that act only on ModelMixin / PreTrainedModel components
+WRAPPER_BLIND_METHODS = ("unload_lora_weights", "fuse_lora", "unfuse_lora", "set_adapters", "disable_lora",
+                         "enable_lora", "delete_adapters", "get_active_adapters", "get_list_adapters",
+                         "set_lora_device")
 
 
 class QuantizedLoraLinear(LoraLinear):
@@ -221,9 +231,11 @@ def patch_diffusers_lora_pipeline(module: ModuleType | None = None) -> None:
     """Let FluxLoraLoaderMixin.load_lora_weights load LoRAs onto quantrt layers (module:
     diffusers.loaders.lora_pipeline). Its `_maybe_expand_lora_state_dict` zero-pads a lora_A narrower than the
     layer's `weight` (FLUX Control); a QuantizedLinear has no `weight`, so its entries are checked here instead
-    (a quantized weight cannot be expanded) and the rest goes to diffusers. Idempotent."""
+    (a quantized weight cannot be expanded) and the rest goes to diffusers. Also has the pipeline-level adapter
+    methods see through QuantizedTransformer components (`patch_diffusers_lora_base`). Idempotent."""
     if module is None:
         module = sys.modules["diffusers.loaders.lora_pipeline"]
+    patch_diffusers_lora_base(module.LoraBaseMixin)
     mixin = module.FluxLoraLoaderMixin
     original = mixin.__dict__["_maybe_expand_lora_state_dict"].__func__
     if getattr(original, MARK, False):
@@ -245,6 +257,49 @@ def patch_diffusers_lora_pipeline(module: ModuleType | None = None) -> None:
     setattr(_maybe_expand_lora_state_dict, MARK, True)
     _maybe_expand_lora_state_dict.__wrapped__ = original
     mixin._maybe_expand_lora_state_dict = classmethod(_maybe_expand_lora_state_dict)
+
+
+@contextmanager
+def wrapped_models_shown(pipeline: Any) -> Iterator[None]:
+    """While it is open, each LoRA-loadable component of `pipeline` that is a QuantizedTransformer is its wrapped
+    model (`qt.model`, the diffusers or transformers class the pipeline's adapter methods look for), then the
+    wrapper again. The components are swapped in the instance's own attributes, not through the pipeline's
+    `__setattr__`, which would register the wrapped model in the pipeline's config. Nested calls swap nothing."""
+    swapped = {}
+    for name in getattr(pipeline, "_lora_loadable_modules", ()):
+        component = vars(pipeline).get(name)
+        if isinstance(component, QuantizedTransformer):
+            swapped[name] = component
+            vars(pipeline)[name] = component.model
+    try:
+        yield
+    finally:
+        for name, component in swapped.items():
+            if vars(pipeline).get(name) is component.model:
+                vars(pipeline)[name] = component
+
+
+def seeing_wrapped_models(method: Callable[..., Any]) -> Callable[..., Any]:
+    """A LoraBaseMixin method run inside `wrapped_models_shown(self)`."""
+
+    @functools.wraps(method)
+    def run(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with wrapped_models_shown(self):
+            return method(self, *args, **kwargs)
+
+    setattr(run, MARK, True)
+    return run
+
+
+def patch_diffusers_lora_base(mixin: type) -> None:
+    """Have the pipeline-level adapter methods of diffusers' `LoraBaseMixin` (WRAPPER_BLIND_METHODS) act on a
+    QuantizedTransformer component's wrapped model: they skip any component that is not a ModelMixin or
+    PreTrainedModel, so `pipe.set_adapters(...)` on a pipeline holding a wrapper said "Adapter name(s) ... not in
+    the list of present adapters" and `fuse_lora` fused nothing. Idempotent."""
+    for name in WRAPPER_BLIND_METHODS:
+        method = mixin.__dict__.get(name)
+        if method is not None and not getattr(method, MARK, False):
+            setattr(mixin, name, seeing_wrapped_models(method))
 
 
 def check_lora_shape(key: str, value: torch.Tensor, layers: dict[str, QuantizedLinear]) -> None:
@@ -290,8 +345,8 @@ def patch_peft_hotswap(module: ModuleType | None = None) -> None:
 
 
 def unregister() -> None:
-    """Undo register(), patch_diffusers_lora_pipeline() and patch_peft_hotswap(). Layers wrapped already stay
-    wrapped."""
+    """Undo register(), patch_diffusers_lora_pipeline() (with patch_diffusers_lora_base()) and patch_peft_hotswap().
+    Layers wrapped already stay wrapped."""
     current = LoraModel.__dict__["_create_new_module"].__func__
     if getattr(current, MARK, False):
         LoraModel._create_new_module = staticmethod(current.__wrapped__)
@@ -301,6 +356,11 @@ def unregister() -> None:
         current = mixin.__dict__["_maybe_expand_lora_state_dict"].__func__
         if getattr(current, MARK, False):
             mixin._maybe_expand_lora_state_dict = classmethod(current.__wrapped__)
+        base = pipeline.LoraBaseMixin
+        for name in WRAPPER_BLIND_METHODS:
+            current = base.__dict__.get(name)
+            if getattr(current, MARK, False):
+                setattr(base, name, current.__wrapped__)
     hotswap = sys.modules.get("peft.utils.hotswap")
     current = getattr(hotswap, "_update_scaling", None)
     if getattr(current, MARK, False):

@@ -12,7 +12,8 @@ import torch
 import torch._dynamo
 import torch.nn as nn
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
-from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY, LoraBaseMixin
+from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
 from peft import LoraConfig, PeftModel, get_peft_model, inject_adapter_in_model
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from safetensors.torch import save_file
@@ -124,12 +125,18 @@ def test_inject_adapter_runs_lora_beside_the_quantized_matmul(dtype, scheme):
 
 
 def test_without_registration_peft_rejects_the_layer_and_register_is_reversible():
+    def patched():  # the diffusers pipeline methods quantrt wraps
+        mixins = (LoraBaseMixin.__dict__[name] for name in integration.WRAPPER_BLIND_METHODS)
+        return [getattr(method, integration.MARK, False) for method in mixins] + [getattr(
+            FluxLoraLoaderMixin.__dict__["_maybe_expand_lora_state_dict"].__func__, integration.MARK, False)]
+
+    assert all(patched())
     integration.unregister()
-    assert not integration.is_registered()
+    assert not integration.is_registered() and not any(patched())
     with pytest.raises(ValueError, match="QuantizedLinear.*is not supported"):
         inject_adapter_in_model(LoraConfig(r=4, target_modules=["1"]), small_mlp(torch.float32))
     integration.register()
-    assert integration.is_registered()
+    assert integration.is_registered() and all(patched())
 
 
 def test_get_peft_model_trains_the_lora_only_and_from_pretrained_reloads_it(tmp_path):
@@ -241,6 +248,49 @@ def test_pipeline_load_lora_weights_set_adapters_fuse_unload(model, tmp_path):
     torch.testing.assert_close(fused, forward(reference.transformer), rtol=0, atol=0.02 * fused.abs().max().item())
     pipe.unfuse_lora(components=["transformer"])
     assert all(torch.equal(v, stored[n][k]) for n, t in codes(transformer).items() for k, v in t.items())
+
+
+def test_pipeline_holding_a_quantized_transformer_wrapper_sets_fuses_and_unloads(tmp_path):
+    """`pipe.transformer = qt` (the wrapper, not the diffusers model): the pipeline-level adapter methods act on
+    qt.model, and the pipeline holds the wrapper again after each call."""
+    qt = QuantizedTransformer.from_model(build_flux("tiny", dtype=torch.float32), QuantConfig(
+        "int8wo", backend="reference", modules_to_not_convert=KEEP), progress=False)
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), transformer=qt, **ABSENT)
+    reference = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), transformer=float_twin(qt.model), **ABSENT)
+    base, stored, registered_as = forward(qt), codes(qt.model), pipe.config.transformer
+    paths = {name: write_lora(qt.model, tmp_path / f"{name}.safetensors", rank=rank, alpha=8, seed=seed,
+                              prefix="transformer.") for name, rank, seed in (("a", 8, 6), ("b", 4, 7))}
+    for target in (pipe, reference):
+        for name, path in paths.items():
+            target.load_lora_weights(path, adapter_name=name)
+    assert pipe.transformer is qt
+    assert pipe.get_list_adapters() == {"transformer": ["a", "b"]}
+    assert pipe.get_active_adapters() == ["b"]  # the last one loaded
+
+    for target in (pipe, reference):
+        target.set_adapters(["a", "b"], adapter_weights=[0.5, 1.5])
+    torch.testing.assert_close(forward(qt), forward(reference.transformer))
+    pipe.disable_lora()
+    assert torch.equal(forward(qt), base)
+    pipe.enable_lora()
+    torch.testing.assert_close(forward(qt), forward(reference.transformer))
+
+    for target in (pipe, reference):
+        target.delete_adapters("b")
+    assert pipe.get_list_adapters() == {"transformer": ["a"]}
+    pipe.unload_lora_weights()
+    assert torch.equal(forward(qt), base)
+    assert pipe.get_list_adapters() == {}
+
+    pipe.load_lora_weights(paths["a"], adapter_name="a")
+    reference.set_adapters(["a"], adapter_weights=[1.0])
+    pipe.fuse_lora(lora_scale=1.0, components=["transformer"])
+    fused = forward(qt)  # within int8 rounding of W + BA
+    torch.testing.assert_close(fused, forward(reference.transformer), rtol=0, atol=0.02 * fused.abs().max().item())
+    assert not all(torch.equal(v, stored[n][k]) for n, t in codes(qt.model).items() for k, v in t.items())
+    pipe.unfuse_lora(components=["transformer"])
+    assert all(torch.equal(v, stored[n][k]) for n, t in codes(qt.model).items() for k, v in t.items())
+    assert pipe.transformer is qt and pipe.config.transformer == registered_as
 
 
 def write_community_lora(path, layout, rank=8, seed=5, hidden=128):
