@@ -107,7 +107,10 @@ def _copy_listed(src: Path, dst: Path, names: Iterable[str]) -> None:
         if target.exists():
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src / name, target)
+        # copied beside, then renamed: a copy cut short (the entry swapped away meanwhile) leaves no partial file
+        partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+        shutil.copy2(src / name, partial)
+        os.replace(partial, target)
 
 
 def _copy_tree(src: Path, dst: Path) -> None:
@@ -157,7 +160,7 @@ def work_base(root: Path) -> Path:
     return _private_temp_work(Path(root))
 
 
-def _sweep_work(work: Path) -> None:
+def sweep_work(work: Path) -> None:
     """Remove the working copies of processes that died without cleaning up (killed, say). A living process
     holds the lock file in its folder for its whole life, so a folder is removed only when its lock can be
     taken and it has not changed for STALE_WORK_SECONDS (on a shared volume whose locks do not reach across
@@ -268,6 +271,12 @@ def _entry_files(folder: Path) -> Iterator[Path]:
             yield Path(parent) / name
 
 
+def entry_lock(root: Path, fingerprint: str, timeout: float) -> FileLock:
+    """The cross-process write lock of the entry `fingerprint` of the cache folder `root` (its file is made on
+    first use)."""
+    return FileLock(str(Path(root) / "locks" / f"{fingerprint}.lock"), timeout=timeout)
+
+
 class CacheEntry:
     """The cache entry of one fingerprint, and this process's private working copy of it."""
 
@@ -276,7 +285,7 @@ class CacheEntry:
         self.fingerprint = fingerprint_of(fields)
         self.root = Path(root) if root is not None else cache_root()
         self.path = self.root / "entries" / self.fingerprint
-        self.lock = FileLock(str(self.root / "locks" / f"{self.fingerprint}.lock"), timeout=lock_timeout)
+        self.lock = entry_lock(self.root, self.fingerprint, lock_timeout)
         self.manifest: Manifest | None = None  # of the entry this process loaded or wrote
         self.status = "new"  # new | loaded | rebuilt
         self.reason = ""  # why an entry on disk was not used
@@ -289,10 +298,10 @@ class CacheEntry:
         if self._work is None:
             base = work_base(self.root)
             base.mkdir(parents=True, exist_ok=True)
-            _sweep_work(base)
+            sweep_work(base)
             self._work = Path(tempfile.mkdtemp(prefix=f"{self.fingerprint[:12]}-{os.getpid()}-", dir=base))
             self._owner = FileLock(str(self._work / OWNER_LOCK))
-            self._owner.acquire()  # held until exit: the folder is in use (see _sweep_work)
+            self._owner.acquire()  # held until exit: the folder is in use (see sweep_work)
             atexit.register(shutil.rmtree, self._work, ignore_errors=True)
         return self._work
 
@@ -300,7 +309,8 @@ class CacheEntry:
     def inductor_dir(self) -> Path:
         return self.work_dir / "inductor"
 
-    def _locked(self):
+    def locked(self) -> FileLock:
+        """The entry's cross-process write lock (a warmup's commit, an import, prune take it; readers do not)."""
         (self.root / "locks").mkdir(parents=True, exist_ok=True)
         return self.lock
 
@@ -372,8 +382,24 @@ class CacheEntry:
 
     def load(self) -> Manifest | None:
         """Verify the entry on disk and copy it into the working folder. None (with a warning when an entry
-        was there but bad) when there is nothing usable."""
-        with self._locked():
+        was there but bad) when there is nothing usable.
+
+        Readers take no lock: an entry is never changed in place, only swapped for a new one, so many processes
+        load one entry at once without waiting for each other or for a warmup that holds the lock. Only when
+        what it reads does not verify (a commit may be swapping the entry in that moment) does a reader look
+        again under the lock, and only then is a bad entry discarded."""
+        if self.path.exists():
+            try:
+                manifest = self.verify()
+                self._copy_from_entry(manifest, self.work_dir)
+            except (ValueError, OSError):
+                pass  # looked at while a commit swapped it: read it again under the lock
+            else:
+                self.manifest, self.status = manifest, "loaded"
+                return manifest
+        elif not self.path.with_name(f"{self.fingerprint}.new").exists():
+            return None  # no entry, and none being written
+        with self.locked():
             if not self.path.exists():
                 return None
             try:
@@ -412,7 +438,7 @@ class CacheEntry:
         work = self.work_dir
         if artifacts:
             (work / f"artifacts-{time.time_ns()}-{os.getpid()}.bin").write_bytes(artifacts)
-        with self._locked():
+        with self.locked():
             merged = dict(shapes)
             created = time.time()
             if self.path.exists():
@@ -461,5 +487,5 @@ def lock_timeout_error(entry: CacheEntry) -> str:
             f"quantrt process is warming it, delete {entry.lock.lock_file}")
 
 
-__all__ = ["CacheEntry", "CacheWarning", "Manifest", "Timeout", "cache_root", "compiler_safe",
-           "fingerprint_of", "manifest_checksum", "sha256_file", "work_base"]
+__all__ = ["CacheEntry", "CacheWarning", "MANIFEST", "Manifest", "Timeout", "cache_root", "compiler_safe",
+           "entry_lock", "fingerprint_of", "manifest_checksum", "sha256_file", "sweep_work", "work_base"]

@@ -1,4 +1,4 @@
-"""The `quantrt` command line: its core commands (info, demo, quantize, warmup) and how a command line runs.
+"""The `quantrt` command line: its core commands (info, demo, quantize, warmup, cache) and how a command line runs.
 
 The program `quantrt` (quantrt.__main__, also `python -m quantrt`) is this parser plus the `bench` command
 that quantrt.bench adds (`build_parser(extra_commands)`): quantrt.bench sits above this module and may import
@@ -15,16 +15,19 @@ import os
 import platform
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
+from .archive import ARCHIVE_SUFFIX, export_entry, import_archive, list_entries, prune
 from .backends import ORDER, get_backend
 from .config import QuantConfig
 from .demo import DEFAULT_SCHEMES, run_demo
 from .models import FLUX_TOKENS, build_flux, example_inputs
 from .schemes import resolve_scheme
+from .cache import cache_root
 from .serialization import CONFIG_NAME, check_target, parse_size
 from .tables import format_table
 from .transformer import QuantizedTransformer, model_bytes
@@ -95,14 +98,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    """`quantrt quantize SRC DST`: an unquantized model folder into a quantrt folder, streaming."""
+    """`quantrt quantize SRC DST`: an unquantized model folder into a quantrt folder, streaming; a GGUF file as
+    stored (quantrt.checkpoints.gguf: nothing requantized)."""
     # every argument and both folders are checked before the quantization, which can take an hour
-    config = QuantConfig(args.scheme, group_size=args.group_size,
+    src = Path(args.src)
+    if args.scheme is None and src.suffix != ".gguf":
+        raise ValueError("--scheme is needed to quantize a model folder, e.g. --scheme int8wo (a .gguf SRC loads as "
+                         "stored and needs none)")
+    # a GGUF file's layers keep their types: the config only keeps layers in full precision (its scheme is unused)
+    config = QuantConfig(args.scheme or "int8wo", group_size=args.group_size,
                          modules_to_not_convert=args.modules_to_not_convert or None)
     max_shard_size = parse_size(args.max_shard_size, option="--max-shard-size")
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    src = Path(args.src)
+    if src.suffix == ".gguf":
+        check_target(args.dst, args.overwrite, overwrite_flag="--overwrite")
+        qt = QuantizedTransformer.from_single_file(src, config if args.modules_to_not_convert else None,
+                                                   config=args.config, device=device, torch_dtype=dtype, progress=True)
+        qt.save_pretrained(args.dst, max_shard_size=max_shard_size, overwrite=args.overwrite)
+        schemes = Counter(r.scheme for r in qt.summary() if r.quantized)
+        print(f"{sum(schemes.values())}/{len(qt.summary())} Linear layers as stored in {src.name} "
+              f"({', '.join(f'{n} {s}' for s, n in schemes.most_common())}); {model_bytes(qt.model):,} bytes written "
+              f"to {args.dst}")
+        return 0
     if not src.exists():
         raise ValueError(f"SRC {args.src} does not exist: give the folder of an unquantized diffusers or "
                          f"transformers model (config.json and .safetensors files)")
@@ -152,6 +170,7 @@ def cmd_warmup(args: argparse.Namespace) -> int:
         default = ["x".join(map(str, FLUX_TOKENS[args.size]))]
     shapes = _warmup_shapes(args, default)
     examples = [example_inputs(qt.model, spec) for spec in shapes]
+    started = time.perf_counter()  # a replica's start: from qt.compile() to every warmed shape served once
     qt.compile(mode=args.mode, regional=args.regional, strict=args.strict or args.check, cache_dir=args.cache_dir)
     if qt._compiled.entry is None:
         print("quantrt warmup: the cache folder cannot be used (see the warning above)", file=sys.stderr)
@@ -165,20 +184,27 @@ def cmd_warmup(args: argparse.Namespace) -> int:
     print(f"{'checking' if args.check else 'warming'} {len(examples)} shape(s) of {type(qt.model).__name__} on "
           f"{device}, mode={args.mode}{', regional' if args.regional else ''}; cache entry: {entry.path} "
           f"({'found' if entry.status == 'loaded' else 'new'})")
-    report = qt.warmup(examples, progress=True, grad_mode=args.grad_mode, allow_new=not args.check)
+    report = qt.warmup(examples, progress=True, grad_mode=args.grad_mode, allow_new=not args.check, aot=args.aot)
+    from_compile = time.perf_counter() - started
     print(report)
     total = time.perf_counter() - start
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"entry": str(entry.path), "entry_status": entry.status, "seconds_total": total,
-                       "shapes": [dataclasses.asdict(r) for r in report]}, f, indent=1)
+                       "seconds_from_compile": from_compile, "shapes": [dataclasses.asdict(r) for r in report]}, f,
+                      indent=1)
+    packaged = sum(r.served_by == "aot package" for r in report)
     if not args.check:
         print(f"{sum(r.status == 'cold' for r in report)} shape(s) compiled, {sum(r.status == 'warm' for r in report)} "
-              f"loaded from the cache; {total:.1f} s in all")
+              f"loaded from the cache" + (f", {packaged} served by AOT packages" if args.aot else "")
+              + f"; {total:.1f} s in all")
         return 0
     misses = sum(r.cache_misses for r in report)
     recompiles = sum(r.recompiles for r in report)
     not_warm = [r.shape for r in report if r.status != "warm"]
+    if args.aot:  # --check --aot: every shape from its package, nothing traced or compiled
+        not_warm += [f"{r.shape} ({r.note or 'not an AOT package'})" for r in report
+                     if r.status == "warm" and r.served_by != "aot package"]
     warm_s = sum(r.seconds for r in report)
     cold_s = sum(r.cold_seconds or 0.0 for r in report)
     print(f"cache hits {sum(r.cache_hits for r in report)}, misses {misses}, recompiles {recompiles}; warm compile "
@@ -189,6 +215,41 @@ def cmd_warmup(args: argparse.Namespace) -> int:
             ([f"{misses} cache miss(es)"] if misses else []) + ([f"{recompiles} recompile(s)"] if recompiles else [])
             + [f"not warm: {s}" for s in not_warm]), file=sys.stderr)
         return 1
+    return 0
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    """`quantrt cache list | export | import | prune`: the cache folder's entries, as archives for replicas."""
+    root = Path(args.cache_dir) if args.cache_dir else None
+    if args.cache_command == "list":
+        infos = list_entries(root)
+        rows = [[i.fingerprint[:16], i.model, i.device, i.torch, i.quantrt, i.shapes, i.aot_packages,
+                 f"{i.bytes / 2**20:.1f}", time.strftime("%Y-%m-%d %H:%M", time.localtime(i.updated)),
+                 i.problem or "usable here"] for i in infos]
+        print(format_table(["fingerprint", "model", "device", "torch", "quantrt", "shapes", "aot", "MiB", "updated",
+                            "status"], rows) if rows else "no cache entries")
+        return 0
+    if args.cache_command == "export":
+        archive = Path(args.archive)
+        if archive.is_dir():
+            archive = archive / f"quantrt-cache-{Path(args.entry).name[:16]}{ARCHIVE_SUFFIX}"
+        path, digest = export_entry(args.entry, archive, root, overwrite=args.overwrite)
+        print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB), sha256 {digest}\n"
+              f"on each replica: quantrt cache import {path.name} --sha256 {digest}")
+        return 0
+    if args.cache_command == "import":
+        manifest = import_archive(args.archive, root, expected_sha256=args.sha256, overwrite=args.overwrite)
+        aot = sum(1 for shape in manifest.shapes.values() if isinstance(shape.get("aot"), dict))
+        print(f"installed cache entry {manifest.fingerprint} ({manifest.extra.get('model_class', '?')}, "
+              f"{len(manifest.shapes)} shape(s), {aot} AOT package(s)) into {(root or cache_root()) / 'entries'}")
+        return 0
+    removed = prune(root, older_than_days=args.older_than, stale=args.stale, dry_run=args.dry_run)
+    for item in removed:
+        print(f"{'would remove' if args.dry_run else 'removed'} {item.path} ({item.bytes / 2**20:.1f} MiB): "
+              f"{item.reason}" if not item.reason.startswith("kept") else f"{item.path}: {item.reason}")
+    freed = sum(item.bytes for item in removed)
+    print(f"{len(removed)} item(s), {freed / 2**20:.1f} MiB {'would be ' if args.dry_run else ''}freed"
+          if removed else "nothing to remove")
     return 0
 
 
@@ -236,9 +297,12 @@ def build_parser(extra_commands: Sequence[AddCommands] = ()) -> argparse.Argumen
                     "what save_pretrained of diffusers wrote), quantizes each Linear weight as it is read (the "
                     "full-precision model is never whole in memory) and writes a quantrt folder that "
                     "QuantizedTransformer.from_pretrained(DST) loads.")
-    quantize.add_argument("src", help="the unquantized model folder")
+    quantize.add_argument("src", help="the unquantized model folder, or a .gguf file")
     quantize.add_argument("dst", help="the quantrt folder to write (must be empty unless --overwrite)")
-    quantize.add_argument("--scheme", required=True, help="scheme name, e.g. int8wo, int4wo, uint3wo, fp6_e3m2")
+    quantize.add_argument("--scheme", help="scheme name, e.g. int8wo, int4wo, uint3wo, fp6_e3m2 (a .gguf SRC needs "
+                                           "none: its tensors keep their GGUF types)")
+    quantize.add_argument("--config", help="a .gguf SRC: the folder of the model's diffusers config (default: from "
+                                           "quantrt.models.FLUX_SIZES where the shapes match)")
     quantize.add_argument("--group-size", type=int, help="group size for grouped schemes")
     quantize.add_argument("--modules-to-not-convert", nargs="*", metavar="NAME",
                           help="layers to keep in full precision (full name, prefix, or child name)")
@@ -286,9 +350,43 @@ def build_parser(extra_commands: Sequence[AddCommands] = ()) -> argparse.Argumen
     warmup.add_argument("--grad-mode", choices=("no_grad", "inference_mode", "grad"), default="no_grad",
                         help="the autograd mode serving runs in; each is its own graph (default: %(default)s, as "
                              "diffusers pipelines and transformers' generate run)")
+    warmup.add_argument("--aot", action="store_true",
+                        help="also export each shape and compile it ahead of time with AOTInductor into the entry "
+                             "(weights left out); a process warming with --aot serves those shapes without tracing. "
+                             "With --check: every shape must be served by its package")
     warmup.add_argument("--cache-dir", help="cache folder (default: QUANTRT_CACHE_DIR, else ~/.cache/quantrt)")
     warmup.add_argument("--json", metavar="FILE", help="also write the per-shape report as JSON")
     warmup.set_defaults(func=cmd_warmup)
+
+    cache = sub.add_parser(
+        "cache", help="list, export, import and prune compile-cache entries (ship a warmed entry to every replica)",
+        description="The compile cache (QUANTRT_CACHE_DIR, default ~/.cache/quantrt) holds one entry per model "
+                    "fingerprint: compiled graphs and kernels, AOT packages (warmup --aot), kernel tuning picks and "
+                    "a manifest with a sha256 of every file. A deploy pipeline warms once, exports the entry as one "
+                    "archive, and imports it on each replica, which then starts hot.",
+        epilog="example: quantrt warmup flux-int4 --shape 1x4096x512 --aot && quantrt cache list && "
+               "quantrt cache export FINGERPRINT flux.tar.gz; on a replica: quantrt cache import flux.tar.gz "
+               "--sha256 HEX && quantrt warmup flux-int4 --shape 1x4096x512 --aot --check")
+    folder = argparse.ArgumentParser(add_help=False)
+    folder.add_argument("--cache-dir", help="cache folder (default: QUANTRT_CACHE_DIR, else ~/.cache/quantrt)")
+    cache_sub = cache.add_subparsers(dest="cache_command", metavar="action", title="actions", required=True)
+    cache_sub.add_parser("list", parents=[folder], help="the entries: model, device, versions, shapes, AOT packages, "
+                                                        "size, and whether this installation can use each")
+    export = cache_sub.add_parser("export", parents=[folder], help="write one entry (verified first) as an archive")
+    export.add_argument("entry", help="the entry: its fingerprint, a unique prefix of it (see list), or its folder")
+    export.add_argument("archive", help=f"the archive to write (a folder: <folder>/quantrt-cache-<fp>{ARCHIVE_SUFFIX})")
+    export.add_argument("--overwrite", action="store_true", help="replace the archive if it exists")
+    imported = cache_sub.add_parser("import", parents=[folder], help="verify an archive and install its entry")
+    imported.add_argument("archive", help="an archive written by `quantrt cache export`")
+    imported.add_argument("--sha256", help="refuse the archive unless it has this sha256 (export prints it)")
+    imported.add_argument("--overwrite", action="store_true", help="replace the entry if it is installed already")
+    pruned = cache_sub.add_parser("prune", parents=[folder], help="remove unreadable entries, leftovers of killed "
+                                                                  "warmups, and (asked) stale or old entries")
+    pruned.add_argument("--stale", action="store_true",
+                        help="also entries made by another quantrt, torch, triton, Python or for a device not here")
+    pruned.add_argument("--older-than", type=float, metavar="DAYS", help="also entries not written for DAYS days")
+    pruned.add_argument("--dry-run", action="store_true", help="say what would be removed, remove nothing")
+    cache.set_defaults(func=cmd_cache)
     for add_commands in extra_commands:
         add_commands(sub)
     return parser

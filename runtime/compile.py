@@ -7,6 +7,11 @@ it) point into the entry's working folder, so the compiled kernels land in the e
 `recompile_limit` is raised to the number of buckets this model compiles, so that more buckets than the
 default limit (8) never drop the model to eager. Both are restored when the call returns. Every other Inductor
 and Dynamo setting is the user's.
+
+`warmup(..., aot=True)` also packages each shape ahead of time (runtime/aot.py): torch.export + AOTInductor into
+the entry's `aot/` folder, weights left out. A process that warms the same shapes with aot=True loads those
+packages and serves them without Dynamo tracing or Inductor; a shape whose export or packaging fails stays on
+the torch.compile path, and the report and `summary()` say why.
 """
 
 from __future__ import annotations
@@ -17,23 +22,27 @@ import inspect
 import itertools
 import json
 import os
+import platform
 import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from .aot import (CONSTANTS_SUFFIX, INFERENCE_MODES, PACKAGE_SUFFIX, AotRunner, AotUnavailable, build_package,
+                  inductor_configs, package_stem, unpackageable_reason)
 from .cache import CacheEntry, CacheWarning, Timeout
 from .devices import device_name
 from .examples import as_call
 from .kernels.tuning import default_table, m_bucket
 from .modules import QuantizedLinear
 from .tables import format_table
-from .version import __version__
+from .version import __version__, distribution_version
 
 
 class RecompileError(RuntimeError):
@@ -229,24 +238,24 @@ def settings_difference(theirs: dict[str, Any], ours: dict[str, Any], most: int 
     return "; ".join(diffs[:most]) + (f"; and {len(diffs) - most} more" if len(diffs) > most else "")
 
 
-def fingerprint_fields(model: nn.Module, options: CompileOptions) -> dict[str, Any]:
-    from importlib.metadata import PackageNotFoundError, version
+ENVIRONMENT_FIELDS = ("quantrt", "torch", "triton", "python", "device")
 
-    import platform
 
+def environment_fields(device: torch.device | str) -> dict[str, str]:
+    """The fingerprint fields of this installation and `device` (ENVIRONMENT_FIELDS): compiled graphs, kernels
+    and packages of another quantrt, torch, triton, Python or device are never used."""
     import triton
 
+    return {"quantrt": distribution_version("quantrt") or __version__, "torch": torch.__version__,
+            "triton": triton.__version__, "python": platform.python_version(), "device": device_name(device)}
 
+
+def fingerprint_fields(model: nn.Module, options: CompileOptions) -> dict[str, Any]:
     first = next(iter(list(model.parameters()) + list(model.buffers())), None)
     device = first.device if first is not None else torch.device("cpu")
-    try:
-        quantrt_version = version("quantrt")
-    except PackageNotFoundError:
-        quantrt_version = __version__
     settings = json.dumps(compile_settings(), sort_keys=True).encode()
-    return {"model": structure_hash(model), "quantrt": quantrt_version, "torch": torch.__version__,
-            "triton": triton.__version__, "python": platform.python_version(), "device": device_name(device),
-            "compile": options.fingerprint_fields(), "settings": hashlib.sha256(settings).hexdigest()[:16]}
+    return {"model": structure_hash(model), **environment_fields(device), "compile": options.fingerprint_fields(),
+            "settings": hashlib.sha256(settings).hexdigest()[:16]}
 
 
 def _counters() -> dict[str, int]:
@@ -302,6 +311,8 @@ class ShapeReport:
     kernel_picks: int  # quantrt kernel tuning picks made (Triton backend on a GPU), 0 when all were cached
     status: str  # "cold" (compiled), "warm" (from the cache entry), "missed" (in the entry, but compiled
     # again: Inductor's cache key saw other global state), or "already compiled" (earlier in this process)
+    served_by: str = "torch.compile"  # or "aot package" (warmup(aot=True): no Dynamo, no Inductor at serving)
+    note: str = ""  # why a shape asked for as an AOT package is served by torch.compile
 
 
 class WarmupReport(list):
@@ -311,13 +322,14 @@ class WarmupReport(list):
 
     def __str__(self) -> str:
 
-        rows = [[r.shape, r.status, f"{r.seconds:.2f}",
+        rows = [[r.shape, r.status, r.served_by, f"{r.seconds:.2f}",
                  "-" if r.cold_seconds is None else f"{r.cold_seconds:.2f}", r.cache_hits, r.cache_misses,
                  r.recompiles, r.kernel_picks] for r in self]
-        table = format_table(["shape", "status", "seconds", "cold seconds", "cache hits", "cache misses",
-                              "recompiles", "kernel picks"], rows)
+        table = format_table(["shape", "status", "served by", "seconds", "cold seconds", "cache hits",
+                              "cache misses", "recompiles", "kernel picks"], rows)
+        notes = "".join(f"\n{r.shape}: {r.note}" for r in self if r.note)
         where = f"\ncache entry: {self.entry.path}" if self.entry is not None else ""
-        return table + where
+        return table + notes + where
 
 
 class CompiledForward:
@@ -326,7 +338,8 @@ class CompiledForward:
     def __init__(self, model: nn.Module, options: CompileOptions, cache: bool = True,
                  cache_dir: str | os.PathLike | None = None, extra: dict[str, Any] | None = None):
         self.model = model
-        self.extra = {**(extra or {}), "settings": compile_settings()}  # recorded in the entry's manifest
+        # recorded in the entry's manifest (not in its fingerprint); `quantrt cache list` shows the model's class
+        self.extra = {**(extra or {}), "settings": compile_settings(), "model_class": type(model).__name__}
         self.options = options
         self.entry: CacheEntry | None = None
         self.compiled_signatures: set[str] = set()  # compiled in this process
@@ -334,6 +347,9 @@ class CompiledForward:
         self.warmed = False  # strict mode raises on new shapes once this is set
         self._recording: tuple[WarmupReport, dict[str, dict[str, Any]]] | None = None  # inside recording()
         self._mutex = threading.RLock()
+        self.aot_runners: dict[str, AotRunner] = {}  # signature -> the loaded package that serves it
+        self.aot_notes: dict[str, str] = {}  # signature -> why it is not served by a package (warmup(aot=True))
+        self._artifacts_loaded = False  # the entry's Mega-Cache artifacts: loaded before the first JIT compile
         kwargs = dict(fullgraph=options.fullgraph, dynamic=False)
         # torch >= 2.13: this model's graphs are its own; another model of the same classes neither reuses them
         # nor counts against their recompile limit. Without it a new shape may reuse another model's graph,
@@ -342,16 +358,11 @@ class CompiledForward:
         if self.isolated:
             kwargs["isolate_recompiles"] = True
         kwargs.update({"mode": options.mode} if options.options is None else {"options": options.options})
-        if options.regional:
-            blocks = repeated_blocks(model)
-            if not blocks:
-                raise ValueError(f"regional compilation: {type(model).__name__} has no `_repeated_blocks` and no "
-                                 f"ModuleList of repeated blocks; compile the whole model (regional=False)")
-            for block in blocks:
-                block.compile(**kwargs)
-            self.fn: Callable = model
-        else:
-            self.fn = torch.compile(model, **kwargs)
+        if options.regional and not repeated_blocks(model):
+            raise ValueError(f"regional compilation: {type(model).__name__} has no `_repeated_blocks` and no "
+                             f"ModuleList of repeated blocks; compile the whole model (regional=False)")
+        self._compile_kwargs = kwargs
+        self._fn: Callable | None = None  # torch.compile'd on the first JIT compilation (`fn`)
         if cache:
             self.entry = CacheEntry(fingerprint_fields(model, options), root=cache_dir)
             try:
@@ -366,18 +377,25 @@ class CompiledForward:
                 self.entry = None
                 self.warm_signatures, self.warmed = {}, False
 
+    @property
+    def fn(self) -> Callable:
+        """The torch.compile'd model (or, regional, the model with its repeated blocks compiled), made on first use:
+        setting up torch.compile imports Dynamo's and AOT autograd's machinery (about 0.6 s), which a process that
+        serves only AOT packages never needs."""
+        if self._fn is None:
+            if self.options.regional:
+                for block in repeated_blocks(self.model):
+                    block.compile(**self._compile_kwargs)
+                self._fn = self.model
+            else:
+                self._fn = torch.compile(self.model, **self._compile_kwargs)
+        return self._fn
+
     def _load_entry(self) -> None:
         manifest = self.entry.load()
         if manifest is None:
             self._explain_missing_entry()
             return
-        with _compile_env(str(self.entry.inductor_dir), 0):
-            for artifact in self.entry.artifact_files():
-                try:
-                    torch.compiler.load_cache_artifacts(artifact.read_bytes())
-                except Exception as e:  # noqa: BLE001 (Inductor's loader raises many kinds; the folder still serves)
-                    warnings.warn(f"quantrt cache: {artifact.name} of {self.entry.path} was not loaded ({e})",
-                                  CacheWarning, stacklevel=3)
         tuning = self.entry.work_dir / "tuning.json"
         if tuning.is_file():
 
@@ -386,6 +404,20 @@ class CompiledForward:
                 default_table().update(picks)
         self.warm_signatures = dict(manifest.shapes)
         self.warmed = bool(manifest.shapes)
+
+    def _load_artifacts(self) -> None:
+        """Hand the entry's Mega-Cache artifacts to Inductor, once, before the first torch.compile compilation
+        (a process that serves only AOT packages never needs them)."""
+        if self._artifacts_loaded or self.entry is None:
+            return
+        self._artifacts_loaded = True
+        with _compile_env(str(self.entry.inductor_dir), 0):
+            for artifact in self.entry.artifact_files():
+                try:
+                    torch.compiler.load_cache_artifacts(artifact.read_bytes())
+                except Exception as e:  # noqa: BLE001 (Inductor's loader raises many kinds; the folder still serves)
+                    warnings.warn(f"quantrt cache: {artifact.name} of {self.entry.path} was not loaded ({e})",
+                                  CacheWarning, stacklevel=4)
 
     def _explain_missing_entry(self) -> None:
         """No entry for this fingerprint: if one exists for the same model under other Inductor settings, say
@@ -403,7 +435,10 @@ class CompiledForward:
         if self.options.shapes == "pad":
             args, kwargs, sizes = pad_inputs(args, kwargs)
         key = signature(args, kwargs)
-        if key in self.compiled_signatures:
+        runner = self.aot_runners.get(key)
+        if runner is not None:
+            output = runner(*args, **kwargs)
+        elif key in self.compiled_signatures:
             output = self._strict_call(args, kwargs) if self._serving_strictly() else self.fn(*args, **kwargs)
         elif self._recording is not None:
             output = self._warm_call(key, args, kwargs, *self._recording)
@@ -483,6 +518,7 @@ class CompiledForward:
                                      f"them would compile a new graph. Warmed shapes: {warmed}.{hint} Add them to "
                                      f"qt.warmup([...]) (or `quantrt warmup --shape`), or compile with "
                                      f"strict=False")
+            self._load_artifacts()
             before = _counters()
             inductor_dir = str(self.entry.inductor_dir) if self.entry is not None else None
             start = time.perf_counter()
@@ -501,12 +537,15 @@ class CompiledForward:
             return output, delta, seconds
 
     def warmup(self, examples: Iterable[Any], progress: bool | None = None, grad_mode: str = "no_grad",
-               allow_new: bool = True) -> WarmupReport:
+               allow_new: bool = True, aot: bool = False) -> WarmupReport:
         """Compile every example's shape bucket (each example: a dict of keyword arguments, a tuple of
         positional ones, or one tensor), then write the cache entry. Returns a per-shape report.
         `grad_mode`: the autograd mode serving runs in ("no_grad", as diffusers pipelines and transformers'
         generate do; "inference_mode"; or "grad"): Dynamo compiles a separate graph for each. `allow_new=False`
-        checks a warm start: in strict mode, a shape that is not in the entry raises RecompileError."""
+        checks a warm start: in strict mode, a shape that is not in the entry raises RecompileError.
+        `aot`: serve each shape from an AOTInductor package (the entry's, else exported and built now, weights
+        left out), without Dynamo; a shape that cannot be packaged is compiled as without it, and its report row
+        says why."""
 
         if grad_mode not in GRAD_MODES:
             raise ValueError(f"grad_mode={grad_mode!r}: choose one of {', '.join(GRAD_MODES)}")
@@ -526,6 +565,15 @@ class CompiledForward:
                 key, label = signature(args, kwargs), shape_label(args, kwargs)
                 bar.set_postfix_str(label[:60])
                 known = self.warm_signatures.get(key)
+                note = ""
+                if aot:
+                    served = self._aot_warm(key, label, args, kwargs, known, grad_mode, allow_new)
+                    if served is not None:
+                        report.append(served[0])
+                        if served[1] is not None:
+                            new_shapes[key] = served[1]
+                        continue
+                    note = self.aot_notes[key]
                 picks = len(default_table().entries())
                 already = key in self.compiled_signatures
                 if not already and _on_cuda(self.model):
@@ -540,15 +588,94 @@ class CompiledForward:
                 status = ("already compiled" if already else "missed" if missed else "warm" if known else "cold")
                 cold = known["cold_s"] if known else (seconds if not already else None)
                 report.append(ShapeReport(label, seconds, cold, delta["hits"], delta["misses"], recompiles,
-                                          len(default_table().entries()) - picks, status))
-                if not already and (not known or missed):
-                    new_shapes[key] = {"shape": label, "cold_s": cold, "last_s": seconds}
+                                          len(default_table().entries()) - picks, status, note=note))
+                failed_here = bool(note) and not (known or {}).get("aot_failed")
+                if not already and (not known or missed or failed_here):
+                    new_shapes[key] = {**(known or {}), "shape": label, "cold_s": cold, "last_s": seconds}
+                    if failed_here:
+                        new_shapes[key]["aot_failed"] = note
         self.warmed = True
         self.warm_signatures.update(new_shapes)
         if self.entry is not None and (new_shapes or self.entry.status != "loaded"):
             self._commit(new_shapes)
         report.entry = self.entry
         return report
+
+    def _aot_warm(self, key: str, label: str, args: tuple, kwargs: dict, known: dict[str, Any] | None, mode: str,
+                  allow_new: bool) -> tuple[ShapeReport, dict[str, Any] | None] | None:
+        """Serve signature `key` from an AOT package: the entry's, or one exported and built now (unless
+        `allow_new` is False). Returns its report row and, for a package built now, the manifest record of the
+        shape; None when the shape stays on torch.compile, with `self.aot_notes[key]` saying why."""
+        if key in self.aot_runners:
+            return ShapeReport(label, 0.0, None, 0, 0, 0, 0, "already compiled", "aot package"), None
+        record = (known or {}).get("aot")
+        why = None
+        if mode not in INFERENCE_MODES:
+            why = f"an AOT package serves inference only (grad_mode={mode!r} needs autograd)"
+        elif self.entry is None:
+            why = "AOT packages are kept in the cache entry, and this model compiles without the cache"
+        elif (known or {}).get("aot_failed"):
+            why = f"{known['aot_failed']} (as recorded in the cache entry)"
+        elif record is None and not allow_new:
+            why = "the cache entry has no AOT package of this shape (a warmup with aot=True makes one)"
+        elif record is None:
+            # checked before exporting: a failed export leaves state behind that changes the torch.compile
+            # graph's cache key in this process
+            why = unpackageable_reason(self.model)
+        if why is not None:
+            self.aot_notes[key] = why if why.startswith("served by") else f"served by torch.compile: {why}"
+            return None
+        folder = self.entry.work_dir / "aot"
+        start = time.perf_counter()
+        with self._mutex:
+            if record is not None:
+                try:
+                    self.aot_runners[key] = self._aot_runner(folder, key)
+                    seconds = time.perf_counter() - start
+                    return ShapeReport(label, seconds, record.get("cold_s"), 0, 0, 0, 0, "warm", "aot package"), None
+                except AotUnavailable as e:
+                    if not allow_new:
+                        self.aot_notes[key] = f"served by torch.compile: the entry's AOT package does not load ({e})"
+                        return None
+                    warnings.warn(f"quantrt cache: the AOT package of {label} in {self.entry.path} does not serve "
+                                  f"here ({e}); building it again", CacheWarning, stacklevel=4)
+            if _on_cuda(self.model):
+                self.model(*args, **kwargs)  # quantrt's kernels tune on an eager call; the package bakes the picks
+            try:
+                with _compile_env(str(self.entry.inductor_dir), 0):
+                    built = build_package(self.model, args, kwargs, folder, key,
+                                          inductor_configs(self.options.mode, self.options.options))
+                self.aot_runners[key] = self._aot_runner(folder, key)
+            except AotUnavailable as e:
+                self.aot_notes[key] = f"served by torch.compile: {e}"
+                return None
+        seconds = time.perf_counter() - start
+        built["cold_s"] = seconds
+        shape_record = {**(known or {"shape": label, "cold_s": seconds}), "last_s": seconds, "aot": built}
+        return ShapeReport(label, seconds, seconds, 0, 0, 0, 0, "cold", "aot package"), shape_record
+
+    def _aot_runner(self, folder: Path, key: str) -> AotRunner:
+        """The package of `key` in `folder`, loaded and bound to the model's tensors."""
+        stem = package_stem(key)
+        try:
+            constants = json.loads((folder / f"{stem}{CONSTANTS_SUFFIX}").read_text())
+        except (OSError, ValueError) as e:
+            raise AotUnavailable(f"its constants file cannot be read ({e})") from e
+        if not (isinstance(constants, dict) and all(isinstance(v, list) for v in constants.values())):
+            raise AotUnavailable("its constants file is not a JSON object of tensor descriptions")
+        return AotRunner(self.model, folder / f"{stem}{PACKAGE_SUFFIX}", constants)
+
+    def serving(self) -> list[tuple[str, str, str]]:
+        """(shape, served by, why) of every shape warmed in this process: "aot package" or "torch.compile", and
+        why a shape asked for as an AOT package is not served by one."""
+        rows = []
+        for key in [*self.aot_runners, *sorted(self.compiled_signatures - set(self.aot_runners))]:
+            shape = self.warm_signatures.get(key, {}).get("shape", key)
+            if key in self.aot_runners:
+                rows.append((shape, "aot package", ""))
+            else:
+                rows.append((shape, "torch.compile", self.aot_notes.get(key, "")))
+        return rows
 
     def _recompiles(self, args: tuple, kwargs: dict) -> int:
         """Run a just-compiled shape again: graphs compiled by this second call are recompiles."""
@@ -579,5 +706,5 @@ def _on_cuda(model: torch.nn.Module) -> bool:
     return tensor is not None and tensor.device.type == "cuda"
 
 
-__all__ = ["CompileOptions", "CompiledForward", "RecompileError", "ShapeReport", "WarmupReport",
-           "bucket", "repeated_blocks", "signature"]
+__all__ = ["CompileOptions", "CompiledForward", "ENVIRONMENT_FIELDS", "RecompileError", "ShapeReport", "WarmupReport",
+           "bucket", "environment_fields", "repeated_blocks", "signature"]

@@ -13,6 +13,7 @@ import torch.nn as nn
 from .autoquant import AutoquantPlan, Timer, autoquant_config, choose_config, explain, restore_plan
 from .backends import resident_bytes, select_backend
 from .calibrate import calibrate
+from .checkpoints.gguf import load_gguf_file
 from .checkpoints.on_load import quantize_folder
 from .checkpoints.routing import foreign_format, load_foreign
 from .checkpoints.single_file import quantize_single_file
@@ -31,7 +32,9 @@ SHARED_REASON_ROWS = 3  # a reason on this many rows or more is printed once, as
 
 
 class ModelSummary(list):
-    """A list of LayerReport that prints as a table."""
+    """A list of LayerReport that prints as a table; `serving`: (shape, served by, why) of the warmed shapes."""
+
+    serving: list[tuple[str, str, str]] = []
 
     def __str__(self) -> str:
         # a reason that many layers share is printed once, below the table, and the rows point to it
@@ -44,7 +47,11 @@ class ModelSummary(list):
         total, full = sum(r.bytes for r in self), sum(r.full_precision_bytes for r in self)
         table = format_table(["layer", "NxK", "scheme", "backend", "why", "bytes", "ratio"], rows)
         notes = "".join(f"\n{marks[why]} {why} ({counts[why]} layers)" for why in shared)
-        return f"{table}{notes}\n{quantized}/{len(self)} Linear layers quantized; {total} bytes (was {full})"
+        text = f"{table}{notes}\n{quantized}/{len(self)} Linear layers quantized; {total} bytes (was {full})"
+        if self.serving:
+            text += "\nwarmed shapes:\n" + format_table(["shape", "served by", "why"],
+                                                        [[s, by, why or "-"] for s, by, why in self.serving])
+        return text
 
 
 class QuantizedTransformer(nn.Module):
@@ -102,16 +109,21 @@ class QuantizedTransformer(nn.Module):
                                          extra={"autoquant_plan": plan.to_dict()} if plan is not None else None)
         return self
 
-    def warmup(self, examples, progress: bool | None = None, grad_mode: str = "no_grad", allow_new: bool = True):
+    def warmup(self, examples, progress: bool | None = None, grad_mode: str = "no_grad", allow_new: bool = True,
+               aot: bool = False):
         """Compile every example's shape bucket ahead of serving and save the graphs in the cache entry. Each
         example is a dict of keyword arguments, a tuple of positional ones, or a tensor. `grad_mode`: the
         autograd mode serving runs in, "no_grad" (diffusers pipelines, transformers' generate), "inference_mode"
         or "grad"; each is a separate graph. `allow_new=False` with compile(strict=True) checks a warm start:
-        a shape that was not warmed raises RecompileError. Compiles with the defaults first if compile() was not
-        called. Returns a per-shape report (print it for a table)."""
+        a shape that was not warmed raises RecompileError. `aot=True`: each shape is exported and compiled
+        ahead of time with AOTInductor into the cache entry (weights left out: the package reads the model's own
+        tensors), and a process that warms the same shapes with aot=True loads the packages and serves them
+        without Dynamo tracing; a shape that cannot be exported stays on torch.compile, and the report and
+        summary() say why. Compiles with the defaults first if compile() was not called. Returns a per-shape
+        report (print it for a table)."""
         if self._compiled is None:
             self.compile()
-        return self._compiled.warmup(examples, progress=progress, grad_mode=grad_mode, allow_new=allow_new)
+        return self._compiled.warmup(examples, progress=progress, grad_mode=grad_mode, allow_new=allow_new, aot=aot)
 
     def generate(self, *args, **kwargs):
         """The wrapped model's `generate` (transformers). After compile(), its decode steps run the compiled
@@ -133,6 +145,7 @@ class QuantizedTransformer(nn.Module):
                                                            kwargs.get("max_new_tokens"))
         kwargs.setdefault("disable_compile", True)
         compiled = self._compiled
+        compiled.fn  # torch.compile wraps the model now (it does so on first use), before __call__ is routed below
         # transformers' decode loop calls `self.__call__` (an instance attribute wins over the class's), its
         # prefill `self(...)` (the class's): only the decode steps go through the compiled forward, whose
         # torch.compile holds the class's __call__, so nothing recurses
@@ -208,8 +221,11 @@ class QuantizedTransformer(nn.Module):
         return {name: m for name, m in self.model.named_modules() if isinstance(m, QuantizedLinear)}
 
     def summary(self) -> ModelSummary:
-        """Per Linear layer: name, shape, scheme, backend and why, bytes. `print(qt.summary())`."""
-        return self._reports
+        """Per Linear layer: name, shape, scheme, backend and why, bytes; after warmup, per warmed shape what
+        serves it (an AOT package or torch.compile) and why. `print(qt.summary())`."""
+        summary = ModelSummary(self._reports)
+        summary.serving = self._compiled.serving() if self._compiled is not None else []
+        return summary
 
     def memory_footprint(self) -> int:
         """Bytes the wrapped model keeps in memory: its parameters and buffers plus the tensors its layers'
@@ -319,7 +335,7 @@ class QuantizedTransformer(nn.Module):
         return cls(skeleton.eval(), config, reports)
 
     @classmethod
-    def from_single_file(cls, file: str | os.PathLike, quantization: str | QuantConfig | dict, *,
+    def from_single_file(cls, file: str | os.PathLike, quantization: str | QuantConfig | dict | None = None, *,
                          config: dict | str | os.PathLike | None = None, device: str | torch.device = "cpu",
                          torch_dtype: torch.dtype | None = None, backend: str | None = None,
                          progress: bool | None = None) -> QuantizedTransformer:
@@ -327,8 +343,20 @@ class QuantizedTransformer(nn.Module):
         diffusers' FluxTransformer2DModel.from_single_file does (its own key conversion), quantizing each
         Linear weight as it is read so the full-precision model is never whole in memory. `config`: the
         diffusers config (a dict, or a folder with its config.json); None infers it from
-        quantrt.models.FLUX_SIZES when the file's shapes match one (the model hub is never asked)."""
+        quantrt.models.FLUX_SIZES when the file's shapes match one (the model hub is never asked). A .gguf file
+        loads as stored, without requantizing (quantrt.checkpoints.gguf: `quantization`, optional there, only
+        keeps layers in full precision and picks backends; `torch_dtype` defaults to float32)."""
         device = usable_device(device)
+        if Path(file).suffix == ".gguf":
+            quant_config = to_quant_config(quantization) if quantization is not None else None
+            if backend is not None and quant_config is not None:
+                quant_config.backend = backend
+            skeleton, loaded, kept = load_gguf_file(file, quant_config, config, device, torch_dtype, progress)
+            loaded.backend = backend or loaded.backend
+            return cls(skeleton.eval(), loaded, _attach_backends(skeleton, loaded, device, kept))
+        if quantization is None:
+            raise ValueError(f"{file}: from_single_file quantizes a .safetensors file while it loads: pass "
+                             f"quantization= (a scheme such as 'int8wo', or a QuantConfig)")
         quant_config = to_quant_config(quantization)
         if backend is not None:
             quant_config.backend = backend

@@ -29,7 +29,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("quantrt.interop",),
     ("quantrt.backends",),
     ("quantrt.modules",),
-    ("quantrt.calibrate", "quantrt.cache", "quantrt.compile"),
+    ("quantrt.calibrate", "quantrt.cache", "quantrt.aot", "quantrt.compile", "quantrt.archive"),
     # safetensors I/O: the streaming reader, and its package's __init__ (a docstring), which importing it runs
     ("quantrt.checkpoints.reader", "=quantrt.checkpoints"),
     ("quantrt.serialization",),

@@ -12,13 +12,16 @@ from quantrt.bench import compile as benchmark
 
 
 def _fake_warmup(calls: list, misses: int = 0):
-    """A stand-in for warmup_process: cold 10 s a shape, warm 0.5 s, with `misses` cache misses warm."""
+    """A stand-in for warmup_process: cold 10 s from compile() on, warm 0.5 s with torch.compile and 0.2 s from AOT
+    packages, with `misses` cache misses warm."""
     def warmup(args, report):
         calls.append(args)
-        warm = "--check" in args
-        shapes = [{"seconds": 0.5 if warm else 10.0, "cache_hits": 1 if warm else 0,
-                   "cache_misses": misses if warm else 1, "recompiles": 0}]
-        return {"shapes": shapes}, 2.0 if warm else 12.0
+        warm, aot = "--check" in args, "--aot" in args
+        served = "aot package" if aot else "torch.compile"
+        shapes = [{"seconds": 0.1 if warm else 9.0, "cache_hits": 1 if warm and not aot else 0,
+                   "cache_misses": misses if warm else 1, "recompiles": 0, "served_by": served}]
+        start = (0.2 if aot else 0.5) if warm else 10.0
+        return {"shapes": shapes, "seconds_from_compile": start}, 2.0 if warm else 12.0
 
     return warmup
 
@@ -30,20 +33,37 @@ def _run(tmp_path, *argv):
     return benchmark.run(args, "quantrt", ["bench", "compile"], echo=lambda _: None)
 
 
-def test_bench_compile_reports_each_configuration(tmp_path, monkeypatch):
+def test_bench_compile_reports_jit_and_aot_side_by_side(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(benchmark, "warmup_process", _fake_warmup(calls))
     out = _run(tmp_path, "--regional", "both")
-    assert len(calls) == 4 and sum("--regional" in c for c in calls) == 2
-    assert [row[7] for row in out.rows] == ["5.0%", "5.0%"] and not out.failures
-    assert "< 20%: met" in out.markdown.read_text() and "cold compile s" in out.csv.read_text()
+    assert len(calls) == 6 and sum("--regional" in c for c in calls) == 2 and sum("--aot" in c for c in calls) == 2
+    assert [(row[3], row[4], row[8]) for row in out.rows] == [
+        ("no", "torch.compile", "5.0%"), ("yes", "torch.compile", "5.0%"), ("no", "aot package", "2.0%")]
+    assert not out.failures
+    text = out.markdown.read_text()
+    assert "< 20%: met" in text and "< 5%: met" in text and "warm start s" in out.csv.read_text()
     assert out.markdown.name.endswith("-cpu-compile-cpu-smoke.md")
 
 
 def test_a_warm_run_that_misses_the_cache_is_a_failure(tmp_path, monkeypatch):
     monkeypatch.setattr(benchmark, "warmup_process", _fake_warmup([], misses=2))
-    out = _run(tmp_path, "--regional", "no")
-    assert out.failures == ["FLUX tiny regional=False: 2 misses, 0 recompiles"]
+    out = _run(tmp_path, "--regional", "no", "--aot", "no")
+    assert out.failures == ["FLUX tiny, int8wo, mode=max-autotune, JIT, regional=False: 2 misses, 0 recompiles"]
+
+
+def test_an_aot_warm_run_served_by_torch_compile_is_a_failure(tmp_path, monkeypatch):
+    fake = _fake_warmup([])
+
+    def not_packaged(args, report):
+        result, seconds = fake(args, report)
+        for shape in result["shapes"]:
+            shape["served_by"] = "torch.compile"
+        return result, seconds
+
+    monkeypatch.setattr(benchmark, "warmup_process", not_packaged)
+    out = _run(tmp_path, "--aot", "yes")
+    assert len(out.rows) == 1 and "not only by AOT packages" in out.failures[0]
 
 
 def test_warmup_runs_the_quantrt_program_in_a_fresh_process(tmp_path, monkeypatch):
