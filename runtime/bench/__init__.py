@@ -10,7 +10,9 @@
 - lora (`quantrt.bench.lora`, benchmarks/bench_lora.py): a LoRA on a quantized FLUX, unfused cost per rank
   against the forward without it, fused against unfused error (needs peft);
 - check (`quantrt.bench.check`, benchmarks/gpu_check.py): the GPU check in one bounded run: precompile,
-  parity with float64, torch.compile without graph breaks, speed and targets.
+  parity with float64, torch.compile without graph breaks, speed and targets;
+- distributed (`quantrt.bench.distributed`, benchmarks/bench_distributed.py): quantized Llama tensor-parallel
+  (transformers' tp_plan) and FLUX context-parallel (diffusers' ring and Ulysses) across GPUs against one GPU.
 
 What they share: `quantrt.bench.common` (device, timing, roofline, byte counting) and `quantrt.bench.report`
 (result files, the environment header, table cells, the targets table).
@@ -33,6 +35,7 @@ BENCHMARKS = {  # `quantrt bench NAME`: the module quantrt.bench.NAME and its on
     "compile": "cold compile against a warm start from the compile cache",
     "lora": "LoRA on a quantized FLUX: unfused cost per rank, fused against unfused error",
     "check": "the GPU check in one bounded run: precompile, parity, torch.compile, speed and targets",
+    "distributed": "quantized Llama tensor-parallel and FLUX context-parallel across GPUs against one GPU",
 }
 
 

@@ -2,7 +2,8 @@
 diffusers' `ModelMixin.from_pretrained` / `from_single_file` / `PipelineQuantizationConfig` and of transformers'
 `PreTrainedModel.from_pretrained` (quantrt.integrations.diffusers and .transformers), a QuantizedTransformer
 is a pipeline component that `DiffusionPipeline.save_pretrained` / `from_pretrained` save and reload, and PEFT's
-LoRA wraps QuantizedLinear layers (quantrt.integrations.peft: PEFT, and diffusers' LoRA loading).
+LoRA wraps QuantizedLinear layers (quantrt.integrations.peft: PEFT, and diffusers' LoRA loading), and torch's
+tensor-parallel styles shard them (quantrt.integrations.distributed).
 
 Importing those libraries' quantizers takes seconds and `import quantrt` imports neither library, so each
 registration runs when the library's own module is imported: `install_import_hooks` (run by `import quantrt`)
@@ -74,6 +75,14 @@ def register_peft_hotswap(module: ModuleType) -> None:
     integration.patch_peft_hotswap(module)
 
 
+def register_tensor_parallel(module: ModuleType) -> None:
+    """Have torch's ColwiseParallel / RowwiseParallel shard QuantizedLinear layers (module:
+    torch.distributed.tensor.parallel.style)."""
+    from . import distributed as integration
+
+    integration.register(module)
+
+
 # module whose import makes a registration possible -> (library, registration)
 HOOKS: dict[str, tuple[str, Callable[[ModuleType], None]]] = {
     "diffusers.quantizers.auto": ("diffusers", register_diffusers),
@@ -83,6 +92,7 @@ HOOKS: dict[str, tuple[str, Callable[[ModuleType], None]]] = {
     "peft.tuners.lora.model": ("peft", register_peft),
     "diffusers.loaders.lora_pipeline": ("peft", register_lora_pipeline),
     "peft.utils.hotswap": ("peft", register_peft_hotswap),
+    "torch.distributed.tensor.parallel.style": ("torch", register_tensor_parallel),
 }
 
 

@@ -14,7 +14,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 import transformers
+from torch.distributed.tensor import Shard
 from transformers.core_model_loading import ConversionOps
+from transformers.distributed.parallel_utils import replace_layer_number_by_wildcard
+from transformers.distributed.tensor_parallel import ALL_PARALLEL_STYLES, ColwiseParallel, RowwiseParallel
 from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING,
                                           register_quantization_config, register_quantizer)
 from transformers.quantizers.base import HfQuantizer
@@ -24,6 +27,7 @@ from ..config import QuantConfig, QuantMethod
 from ..modules import QuantizedLinear
 from .common import (PLACEHOLDER, QuantizeOnLoad, QuantizerTraits, StoredQuantConfig, check_stored_layers,
                      checkpoint_keys)
+from .distributed import COLWISE, ROWWISE, shard_for_local_forward
 
 TESTED_VERSION = "5.24.0"  # the transformers whose loaders the integration's tests run against
 
@@ -119,11 +123,45 @@ class QuantrtHfQuantizer(QuantizerTraits, HfQuantizer):
             if STAND_IN in vars(layer):
                 del layer.weight
         self.load.finish(model)  # transformers has put self.quantization_config into model.config already
+        layouts = tensor_parallel_layouts(model)
+        if layouts:
+            # tp_plan: transformers' hooks hand each layer this rank's plain input and reduce its outputs, so each
+            # layer keeps its slice. Every rank read the whole checkpoint: sliced after quantizing, the codes are the
+            # single-process model's
+            shard_for_local_forward(model, model._device_mesh["tp"], layouts)
         return model
 
     def is_serializable(self, **kwargs: Any) -> bool:  # a method in transformers, a property in diffusers
         return True
 
+
+
+def tensor_parallel_layouts(model: nn.Module) -> dict[str, str]:
+    """{layer: "colwise" | "rowwise"} of the QuantizedLinear layers that the tp_plan of a model loaded with
+    tp_size > 1 shards, each marked for transformers' local forward (`_hf_quantized_needs_local_tp`: plain tensors in
+    and out, as its torchao integration marks its layers); a ValueError naming the layer for a style they cannot
+    take."""
+    distributed = getattr(model.config, "distributed_config", None)
+    if distributed is None or (distributed.tp_size or 1) <= 1:
+        return {}
+    layouts = {}
+    for name, module in model.named_modules():
+        style_name = model.tp_plan.get(replace_layer_number_by_wildcard(name))
+        if not isinstance(module, QuantizedLinear) or style_name is None:
+            continue
+        style = ALL_PARALLEL_STYLES[style_name]
+        if type(style) is ColwiseParallel and style.output_layouts == Shard(-1):
+            layouts[name] = COLWISE
+        elif type(style) is RowwiseParallel:
+            layouts[name] = ROWWISE
+        else:
+            raise ValueError(f"quantrt: layer {name!r} is quantized, and the tp_plan shards it with {style_name!r} "
+                             f"({type(style).__name__}), which a QuantizedLinear cannot serve (it takes 'colwise' with "
+                             f"a sharded output and the 'rowwise' styles); keep it in full precision with "
+                             f"modules_to_not_convert (transformers' default keeps lm_head), or give it another style "
+                             f"with DistributedConfig(tp_plan={{...}})")
+        module._hf_quantized_needs_local_tp = True
+    return layouts
 
 
 def check_internals() -> None:

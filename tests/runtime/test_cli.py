@@ -1,4 +1,4 @@
-"""The `quantrt` program: the core commands of quantrt.cli (info, demo, quantize, warmup) and the `bench` command
+"""The `quantrt` program: the core commands of quantrt.cli (info, demo, quantize, warmup, cache) and the `bench` command
 that quantrt.bench adds through quantrt.__main__ (loaded only for `bench`)."""
 
 import importlib.metadata
@@ -75,8 +75,8 @@ except SystemExit:
     pass
 print("loaded:", sorted(m for m in sys.modules if m.startswith("quantrt.bench.")))
 """
-ALL_BENCHMARKS = ["quantrt.bench.check", "quantrt.bench.common", "quantrt.bench.compile", "quantrt.bench.kernels",
-                  "quantrt.bench.lora", "quantrt.bench.model", "quantrt.bench.report"]
+ALL_BENCHMARKS = ["quantrt.bench.check", "quantrt.bench.common", "quantrt.bench.compile", "quantrt.bench.distributed",
+                  "quantrt.bench.kernels", "quantrt.bench.lora", "quantrt.bench.model", "quantrt.bench.report"]
 
 
 @pytest.mark.parametrize("argv, loaded, in_help", [
@@ -113,3 +113,29 @@ def test_a_benchmark_whose_library_is_missing_says_so_and_the_others_still_run(m
     with pytest.raises(SystemExit) as done:
         main(["bench", "compile", "--help"])
     assert done.value.code == 0 and "--cpu-smoke" in capsys.readouterr().out
+
+
+def test_cli_cache_list_export_import_prune(tmp_path, capsys):
+    from tests.runtime.test_archive import warmed_entry
+
+    entry = warmed_entry(tmp_path / "build")
+    assert main(["cache", "list", "--cache-dir", str(tmp_path / "build")]) == 0
+    listed = capsys.readouterr().out
+    assert entry.fingerprint[:16] in listed and "MLP" in listed and "usable here" in listed
+    assert main(["cache", "export", entry.fingerprint[:10], str(tmp_path), "--cache-dir", str(tmp_path / "build")]) == 0
+    exported = capsys.readouterr().out
+    archive = next(tmp_path.glob("quantrt-cache-*.tar.gz"))
+    digest = exported.split("sha256 ")[1].split()[0]
+    assert f"quantrt cache import {archive.name} --sha256 {digest}" in exported
+    replica = ["--cache-dir", str(tmp_path / "replica")]
+    assert main(["cache", "import", str(archive), "--sha256", digest, *replica]) == 0
+    assert "2 shape(s), 1 AOT package(s)" in capsys.readouterr().out
+    assert main(["cache", "import", str(archive), *replica]) == 1
+    assert "installed already: pass --overwrite" in capsys.readouterr().err
+    assert main(["cache", "prune", "--older-than", "0", "--dry-run", *replica]) == 0
+    assert "would remove" in capsys.readouterr().out and entry.fingerprint in {
+        p.name for p in (tmp_path / "replica" / "entries").iterdir()}
+    assert main(["cache", "prune", "--older-than", "0", *replica]) == 0
+    assert "1 item(s)" in capsys.readouterr().out and not any((tmp_path / "replica" / "entries").iterdir())
+    assert main(["cache", "import", str(tmp_path / "missing.tar.gz"), *replica]) == 1
+    assert "does not exist" in capsys.readouterr().err
