@@ -155,6 +155,19 @@ class Binding:
         return getattr(self.owner, self.attribute, None) is self.tensor and self.tensor.data_ptr() == self.data_ptr
 
 
+def load_package(model: nn.Module, folder: Path, key: str) -> AotRunner:
+    """The package of signature `key` in `folder` (build_package's), loaded and bound to `model`'s tensors;
+    AotUnavailable says why it cannot serve."""
+    stem = package_stem(key)
+    try:
+        constants = json.loads((folder / f"{stem}{CONSTANTS_SUFFIX}").read_text())
+    except (OSError, ValueError) as e:
+        raise AotUnavailable(f"its constants file cannot be read ({e})") from e
+    if not (isinstance(constants, dict) and all(isinstance(v, list) for v in constants.values())):
+        raise AotUnavailable("its constants file is not a JSON object of tensor descriptions")
+    return AotRunner(model, folder / f"{stem}{PACKAGE_SUFFIX}", constants)
+
+
 class AotRunner:
     """A loaded package whose constants are the model's live tensors; call it as the model is called.
 
@@ -207,4 +220,4 @@ class AotRunner:
 
 
 __all__ = ["CONSTANTS_SUFFIX", "PACKAGE_SUFFIX", "AotRunner", "AotUnavailable", "INFERENCE_MODES", "build_package",
-           "inductor_configs", "package_stem", "unpackageable_reason"]
+           "inductor_configs", "load_package", "package_stem", "unpackageable_reason"]

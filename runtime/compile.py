@@ -27,15 +27,14 @@ import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .aot import (CONSTANTS_SUFFIX, INFERENCE_MODES, PACKAGE_SUFFIX, AotRunner, AotUnavailable, build_package,
-                  inductor_configs, package_stem, unpackageable_reason)
+from .aot import (INFERENCE_MODES, AotRunner, AotUnavailable, build_package, inductor_configs, load_package,
+                  unpackageable_reason)
 from .cache import CacheEntry, CacheWarning, Timeout
 from .devices import device_name
 from .examples import as_call
@@ -630,7 +629,7 @@ class CompiledForward:
         with self._mutex:
             if record is not None:
                 try:
-                    self.aot_runners[key] = self._aot_runner(folder, key)
+                    self.aot_runners[key] = load_package(self.model, folder, key)
                     seconds = time.perf_counter() - start
                     return ShapeReport(label, seconds, record.get("cold_s"), 0, 0, 0, 0, "warm", "aot package"), None
                 except AotUnavailable as e:
@@ -645,7 +644,7 @@ class CompiledForward:
                 with _compile_env(str(self.entry.inductor_dir), 0):
                     built = build_package(self.model, args, kwargs, folder, key,
                                           inductor_configs(self.options.mode, self.options.options))
-                self.aot_runners[key] = self._aot_runner(folder, key)
+                self.aot_runners[key] = load_package(self.model, folder, key)
             except AotUnavailable as e:
                 self.aot_notes[key] = f"served by torch.compile: {e}"
                 return None
@@ -653,17 +652,6 @@ class CompiledForward:
         built["cold_s"] = seconds
         shape_record = {**(known or {"shape": label, "cold_s": seconds}), "last_s": seconds, "aot": built}
         return ShapeReport(label, seconds, seconds, 0, 0, 0, 0, "cold", "aot package"), shape_record
-
-    def _aot_runner(self, folder: Path, key: str) -> AotRunner:
-        """The package of `key` in `folder`, loaded and bound to the model's tensors."""
-        stem = package_stem(key)
-        try:
-            constants = json.loads((folder / f"{stem}{CONSTANTS_SUFFIX}").read_text())
-        except (OSError, ValueError) as e:
-            raise AotUnavailable(f"its constants file cannot be read ({e})") from e
-        if not (isinstance(constants, dict) and all(isinstance(v, list) for v in constants.values())):
-            raise AotUnavailable("its constants file is not a JSON object of tensor descriptions")
-        return AotRunner(self.model, folder / f"{stem}{PACKAGE_SUFFIX}", constants)
 
     def serving(self) -> list[tuple[str, str, str]]:
         """(shape, served by, why) of every shape warmed in this process: "aot package" or "torch.compile", and

@@ -21,6 +21,9 @@ budget (`--budget-s`, default 450 s) and skipped with a note where the budget le
    int4wo at M 1 and 4608, then fp6_e3m2 and uint3wo at M 1, each after one eager call (which tunes;
    the parity step's picks serve: same shape): no graph break, one graph, a quantrt Triton kernel in
    Inductor's code (on CUDA), the compiled output within tolerance of eager and of the float64 reference.
+   Then the same layer packaged ahead of time (quantrt.aot: torch.export + AOTInductor, weights left out and
+   bound from the layer; int8wo and int4wo at M 16): a quantrt Triton kernel in the package (on CUDA), its
+   output within tolerance of eager and of the float64 reference.
 4. speed: bf16 torch.mm (cuBLAS) against quantrt int8wo (per channel), float8wo_e4m3 (per channel) and
    int4wo (uint4, group 128), each the op's own tuned pick, torchao's int8 and fp8 weight-only, and
    torch's own int4 kernel (torch._weight_int4pack_mm), on 8192x8192, 3072x3072, 12288x3072 and
@@ -55,9 +58,11 @@ import math
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 import traceback
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -66,6 +71,7 @@ import torch
 import torch.nn as nn
 import triton
 
+from ..aot import build_package, inductor_configs, load_package
 from ..config import QuantConfig
 from ..formats import ATEN_INT4_KERNEL
 from ..kernels import quantize, tuning
@@ -100,7 +106,7 @@ class StepPlan:
 
 # Estimates for an H100/H200 from a cold machine, kernels precompiled (benchmarks/GPU_SESSION.md has the
 # arithmetic); the smoke run's are generous, it is bounded by its tiny shapes
-GPU_PLAN = {"precompile": StepPlan(90, 20), "parity": StepPlan(150, 40), "compile": StepPlan(40, 20),
+GPU_PLAN = {"precompile": StepPlan(90, 20), "parity": StepPlan(140, 40), "compile": StepPlan(60, 20),
             "speed": StepPlan(150, 60)}
 SMOKE_PLAN = {"precompile": StepPlan(10, 1), "parity": StepPlan(60, 5), "compile": StepPlan(40, 5),
               "speed": StepPlan(20, 2)}
@@ -183,6 +189,9 @@ GPU_COMPILE = CompilePlan(3088, 2048, torch.bfloat16,
                           tuple((s, m) for m in (1, 4608) for s in ("int8wo", "float8wo_e4m3", "int4wo"))
                           + (("fp6_e3m2", 1), ("uint3wo", 1)))
 SMOKE_COMPILE = CompilePlan(40, 128, torch.float16, (("int8wo", 7), ("float8wo_e4m3", 7), ("int4wo", 7)))
+# the AOT packages checked after the torch.compile cases: (scheme, M), each one AOTInductor build
+GPU_AOT = (("int8wo", 16), ("int4wo", 16))
+SMOKE_AOT = (("int8wo", 7),)
 
 
 @dataclass(frozen=True)
@@ -744,25 +753,30 @@ def step_compile(ctx: CheckContext, result: StepResult) -> None:
     ctx.markdown.table(["scheme", "M", "graph breaks", "graphs", "kernels in Inductor code", "err/tol vs eager",
                         "err/tol vs float64", "compile s", "result"])
     done = 0
+    cases = [(scheme, m, "torch.compile") for scheme, m in plan.cases]
+    cases += [(scheme, m, "aot package") for scheme, m in (SMOKE_AOT if ctx.smoke else GPU_AOT)]
     try:
-        for scheme, m in plan.cases:
+        for scheme, m, how in cases:
             if ctx.out_of_time():
                 break
-            row = _compile_case(ctx, plan, scheme, m, mode, need_kernel)
+            if how == "aot package":
+                row = _aot_case(ctx, plan, scheme, m, mode, need_kernel)
+            else:
+                row = _compile_case(ctx, plan, scheme, m, mode, need_kernel)
             done += 1
             ctx.record(row)
-            ctx.markdown.row([scheme, m, cell(row.graph_breaks), cell(row.graphs), row.kernel or "-",
-                              cell(row.eager_error_ratio), cell(row.error_ratio), cell(row.seconds),
-                              row.status + (f": {row.note}" if row.note else "")])
-            ctx.echo(f"compile {scheme:14} M={m:<5} {row.status} {row.note}")
+            ctx.markdown.row([f"{scheme} ({how})" if how != "torch.compile" else scheme, m, cell(row.graph_breaks),
+                              cell(row.graphs), row.kernel or "-", cell(row.eager_error_ratio), cell(row.error_ratio),
+                              cell(row.seconds), row.status + (f": {row.note}" if row.note else "")])
+            ctx.echo(f"compile {scheme:14} M={m:<5} {how:13} {row.status} {row.note}")
             if row.status != "ok":
-                result.failures.append(f"compile {scheme} M={m}: {row.note}")
+                result.failures.append(f"compile {scheme} M={m} ({how}): {row.note}")
     finally:
         torch._dynamo.reset()
-        not_run = len(plan.cases) - done
-        ctx.markdown.write("", f"{done} of {len(plan.cases)} compile checks run, {len(result.failures)} failed"
+        not_run = len(cases) - done
+        ctx.markdown.write("", f"{done} of {len(cases)} compile checks run, {len(result.failures)} failed"
                                + (f", {not_run} not run (time budget)" if not_run else "") + ".")
-        result.detail = f"{done}/{len(plan.cases)} checks, {len(result.failures)} failed"
+        result.detail = f"{done}/{len(cases)} checks, {len(result.failures)} failed"
         result.status = "FAILED" if result.failures else "cut short" if not_run else "ok"
 
 
@@ -809,6 +823,43 @@ def _compile_case(ctx: CheckContext, plan: CompilePlan, scheme: str, m: int, mod
             problems.append(f"compiled vs float64 err/tol {row.error_ratio:.3g}")
         row.status, row.note = ("FAIL", "; ".join(problems)) if problems else ("ok", "")
     except Exception as e:  # a graph break under fullgraph=True raises; so does a kernel that fails
+        row.status, row.note = "FAIL", error_text(e)
+    return row
+
+
+def _aot_case(ctx: CheckContext, plan: CompilePlan, scheme: str, m: int, mode: str, need_kernel: bool) -> CheckRow:
+    """One AOT package check (quantrt.aot, as `warmup(aot=True)` builds them), as its CSV row."""
+    row = CheckRow("compile", "aot package", scheme, dtype_name(plan.dtype), "", plan.n, plan.k, m)
+    tol = TOLERANCE[plan.dtype]
+    try:
+        torch.manual_seed(m)
+        model = nn.Sequential(nn.Linear(plan.k, plan.n)).to(device=ctx.device, dtype=plan.dtype)
+        qt = QuantizedTransformer.from_model(model, QuantConfig(scheme, backend="triton"), progress=False)
+        layer = next(iter(qt.quantized_layers().values()))
+        x = torch.randn(m, plan.k, device=ctx.device, dtype=plan.dtype)
+        ref = x.double() @ layer.dequantize().double().T + layer.bias.double()
+        with tempfile.TemporaryDirectory(prefix="quantrt-check-aot-") as folder, torch.no_grad():
+            eager = qt.model(x)  # tunes on a miss, so that the package bakes the pick
+            start = time.perf_counter()
+            built = build_package(qt.model, (x,), {}, Path(folder), "check", inductor_configs(mode, None))
+            out = load_package(qt.model, Path(folder), "check")(x)
+            row.seconds = time.perf_counter() - start
+            with zipfile.ZipFile(Path(folder) / built["package"]) as package:
+                code = "\n".join(package.read(name).decode(errors="replace") for name in package.namelist()
+                                 if name.endswith((".cpp", ".py", ".json", ".h")))
+        row.kernel = ", ".join(_kernel_names_in(code))
+        row.eager_error_ratio = tolerance_ratio(out, eager.double(), tol)
+        row.error_ratio = tolerance_ratio(out, ref, tol)
+        row.rel_error = relative_error(out, ref)
+        problems = []
+        if need_kernel and not row.kernel:
+            problems.append("no quantrt Triton kernel in the package")
+        if row.eager_error_ratio > 1:
+            problems.append(f"package vs eager err/tol {row.eager_error_ratio:.3g}")
+        if row.error_ratio > 1:
+            problems.append(f"package vs float64 err/tol {row.error_ratio:.3g}")
+        row.status, row.note = ("FAIL", "; ".join(problems)) if problems else ("ok", "")
+    except Exception as e:  # an export or AOTInductor failure is what this case reports
         row.status, row.note = "FAIL", error_text(e)
     return row
 
