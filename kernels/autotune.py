@@ -87,7 +87,7 @@ def heuristic(fmt: WeightFormat, m: int, n: int, k: int, group_size: int, device
                         num_stages=SKINNY_STAGES)
 
 
-def _synthetic(args: tuple, generator: torch.Generator) -> tuple:
+def _synthetic(args: tuple, fmt: WeightFormat, generator: torch.Generator) -> tuple:
     # real random tensors of the call's shapes and dtypes, drawn from a private generator, so that a
     # benchmark never depends on, nor touches, the caller's data or random streams
     def like(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -97,14 +97,20 @@ def _synthetic(args: tuple, generator: torch.Generator) -> tuple:
             lo, hi = (-127, 128) if t.dtype == torch.int8 else (0, 256)
             return torch.randint(lo, hi, tuple(t.shape), dtype=t.dtype, device=t.device, generator=generator)
         return torch.rand(tuple(t.shape), dtype=t.dtype, device=t.device, generator=generator) * 0.01 + 0.001
-    return tuple(like(t) for t in args)
+    real = [like(t) for t in args]
+    if fmt.blocks is not None:  # GGUF block parameters: random bytes, but finite fp16 d (and dmin) in front
+        rows = real[2].view(real[2].shape[0], -1, fmt.blocks.param_bytes)
+        count = fmt.blocks.header_bytes // 2
+        d = torch.rand((*rows.shape[:2], count), device=rows.device, generator=generator) * 0.01 + 0.001
+        rows[..., :2 * count] = d.to(torch.float16).view(torch.uint8)
+    return tuple(real)
 
 
 def benchmark(args: tuple, fmt: WeightFormat, configs: list[KernelConfig]) -> dict[KernelConfig, float]:
     """Median milliseconds of each config (triton.testing.do_bench) on synthetic tensors shaped like
     args = (x, qweight, scale, zero, bias); configs that fail to compile or run are left out."""
     generator = torch.Generator(device=args[0].device).manual_seed(0)
-    real = _synthetic(args, generator)
+    real = _synthetic(args, fmt, generator)
     times = {}
     for config in configs:
         config = fit(config, real[0].shape[0])
@@ -119,7 +125,7 @@ def benchmark(args: tuple, fmt: WeightFormat, configs: list[KernelConfig]) -> di
 def validate(args: tuple, fmt: WeightFormat, config: KernelConfig) -> float:
     """The relative L2 error of `config` against the dequantize path on synthetic tensors like args."""
     generator = torch.Generator(device=args[0].device).manual_seed(1)
-    real = _synthetic(args, generator)
+    real = _synthetic(args, fmt, generator)
     y = run(*real, fmt, config).double()
     ref = run(*real, fmt, DEQUANT_CONFIG).double()
     return ((y - ref).norm() / ref.norm().clamp_min(1e-30)).item()
@@ -140,7 +146,7 @@ def table_key(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, fmt: 
     m, k = int(x.shape[0]), int(x.shape[1])
     return tuning.make_key(torch.cuda.get_device_name(x.device), SOURCE_HASH,
                            f"{fmt.name}/{str(x.dtype).removeprefix('torch.')}", qweight.shape[0], k,
-                           group_size_of(k, scale), m)
+                           group_size_of(fmt, k, scale), m)
 
 
 def select_config(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
@@ -151,7 +157,7 @@ def select_config(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, z
     shapes) is specialized: the config depends on it."""
     m, k = int(x.shape[0]), int(x.shape[1])
     n = qweight.shape[0]
-    group_size = group_size_of(k, scale)
+    group_size = group_size_of(fmt, k, scale)
     if x.device.type != "cuda" or os.environ.get("QUANTRT_AUTOTUNE", "1") == "0":
         return heuristic(fmt, m, n, k, group_size, x.device)
     key = table_key(x, qweight, scale, fmt)
@@ -198,5 +204,5 @@ def matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: to
             config = select_config(x, qweight, scale, zero, bias, fmt)
         else:
             m, k = int(x.shape[0]), int(x.shape[1])
-            config = heuristic(fmt, m, qweight.shape[0], k, group_size_of(k, scale), x.device, path)
+            config = heuristic(fmt, m, qweight.shape[0], k, group_size_of(fmt, k, scale), x.device, path)
     return run(x, qweight, scale, zero, bias, fmt, fit(config, int(x.shape[0])))

@@ -5,6 +5,8 @@ exactness rule, then the group parameters every format shares.
     uintX   code = q in [0, 2**X), X in 1..8, in the bit-plane layout of packing.py; W = (q - z) * s
     fpX     code = an X-bit float (1 sign, E exponent, M mantissa bits, bias 2**(E-1) - 1, subnormals, no
             inf/nan), X in 3..7 in the bit-plane layout, X = 8 for fp8 e4m3fn / e5m2 bytes; W = decode * s
+    GGUF    code = q in the bit-plane layout (Q8_0: the int8 byte); W = (q - offset) * a - b, a and b per
+            group from the block parameters of packing.GGUF_BLOCKS (`apply_gguf_params`)
 
 The pure-torch definition of each format is quantize.py; the kernels read exactly what it writes. A weight
 tile is always produced in natural K order ([BLOCK_N, BLOCK_K], column k is code k), so x never has to be
@@ -27,10 +29,17 @@ import torch
 import triton
 import triton.language as tl
 
+from .packing import SUB_NIBBLES, SUB_SCALE_MIN, SUB_SIGNED, GgufBlocks, gguf_blocks
+
 # the FORMAT constexpr; fp8 is FLOATX with BITS == 8
 INT8: tl.constexpr = tl.constexpr(0)
 UINTX: tl.constexpr = tl.constexpr(1)
 FLOATX: tl.constexpr = tl.constexpr(2)
+GGUF: tl.constexpr = tl.constexpr(3)
+# the GGUF_SUB_LAYOUT constexpr: packing.py's sub-block scale layouts
+_SUB_SIGNED: tl.constexpr = tl.constexpr(SUB_SIGNED)
+_SUB_SCALE_MIN: tl.constexpr = tl.constexpr(SUB_SCALE_MIN)
+_SUB_NIBBLES: tl.constexpr = tl.constexpr(SUB_NIBBLES)
 
 
 def mantissa_bits(dtype: torch.dtype) -> int:
@@ -40,13 +49,15 @@ def mantissa_bits(dtype: torch.dtype) -> int:
 
 @dataclass(frozen=True)
 class WeightFormat:
-    """What the kernels need to know of a storage format: kind (INT8, UINTX, FLOATX), bits per code, and
-    for floats the exponent and mantissa bits (fp8 e4m3fn: 4, 3; e5m2: 5, 2)."""
+    """What the kernels need to know of a storage format: kind (INT8, UINTX, FLOATX, GGUF), bits per code,
+    for floats the exponent and mantissa bits (fp8 e4m3fn: 4, 3; e5m2: 5, 2), for GGUF the block type's name
+    (q8_0 ... q6_k, packing.GGUF_BLOCKS)."""
 
     kind: int
     bits: int
     ebits: int = 0
     mbits: int = 0
+    gguf: str = ""
 
     @property
     def name(self) -> str:
@@ -54,7 +65,20 @@ class WeightFormat:
             return "int8"
         if self.kind == UINTX:
             return f"uint{self.bits}"
+        if self.kind == GGUF:
+            return self.gguf
         return f"fp{self.bits}_e{self.ebits}m{self.mbits}"
+
+    @property
+    def blocks(self) -> GgufBlocks | None:
+        """The GGUF block type, for GGUF formats."""
+        return gguf_blocks(self.gguf) if self.kind == GGUF else None
+
+    @property
+    def group_size(self) -> int | None:
+        """Weights that share one set of group parameters where the format fixes it (GGUF), else None (the
+        scale's shape says)."""
+        return self.blocks.group if self.kind == GGUF else None
 
     @property
     def has_zero(self) -> bool:
@@ -69,7 +93,7 @@ class WeightFormat:
         the mantissa fits, the largest code is finite and the smallest subnormal is representable."""
         if self.kind == INT8:
             return True
-        if self.kind == UINTX:
+        if self.kind in (UINTX, GGUF):
             return False
         bias = 2 ** (self.ebits - 1) - 1
         if self.bits == 8:  # fp8 keeps its inf/nan codes (quantize never writes them)
@@ -243,4 +267,76 @@ def apply_group_params(w, s_ptr, z_ptr, n, k0, n_mask, stride_sn, K, GROUP_SIZE:
         s, z = _group_params(s_ptr, z_ptr, n, (k // GROUP_SIZE)[None, :], n_mask & (k < K)[None, :],
                              stride_sn, HAS_ZERO)
         w = (w - z) * s
+    return w
+
+
+@triton.jit
+def _fp16_param(byte_ptr, mask):
+    """float32 of the little-endian float16 whose two bytes start at byte_ptr (uint8 pointers, 2-byte aligned:
+    every block's parameters are an even number of bytes into a 2-byte aligned tensor; 0 where masked). One
+    16-bit load, not two byte loads: at 6-bit codes the byte loads' registers spill on sm_90."""
+    bits = tl.load(byte_ptr.to(tl.pointer_type(tl.uint16)), mask=mask, other=0)
+    return bits.to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def apply_gguf_params(w, p_ptr, n, k0, n_mask, stride_pn, K, OFFSET: tl.constexpr, BLOCK: tl.constexpr,
+                      SUB: tl.constexpr, HAS_MIN: tl.constexpr, SUB_LAYOUT: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
+    """(w - OFFSET) * a - b for the decoded GGUF tile w: float32 [BLOCK_N, BLOCK_K] of rows n, columns k0 ..
+
+    p: uint8 [N, K / BLOCK * param_bytes], row stride stride_pn: per block of BLOCK weights its fp16 d (bytes
+    0, 1), with HAS_MIN its fp16 dmin (2, 3), then its BLOCK / SUB sub-block scales (SUB > 0; SUB_LAYOUT: int8,
+    nibbles scale | min << 4, or uint8 scales then uint8 mins), as packing.GGUF_BLOCKS lays them out. Per group
+    of G = SUB (else BLOCK) weights: a = d * scale (d without sub-blocks), b = dmin * min (with sub-blocks),
+    -dmin (without: Q4_1 / Q5_1's m), 0 without HAS_MIN. a and b are exact in float32 (an fp16 times an
+    integer of at most 8 bits), and so is (q - OFFSET) * a: each weight is rounded once, by the subtraction,
+    as gguf's own dequantize rounds it. Constraints: BLOCK_K a multiple of G (G is 16 or 32, BLOCK_K a power
+    of two >= 32); K a multiple of BLOCK."""
+    G: tl.constexpr = SUB if SUB > 0 else BLOCK
+    GROUPS: tl.constexpr = BLOCK_K // G
+    PER_BLOCK: tl.constexpr = BLOCK // G
+    HEADER: tl.constexpr = 4 if HAS_MIN else 2
+    SUB_BYTES: tl.constexpr = (2 * PER_BLOCK if SUB_LAYOUT == _SUB_SCALE_MIN else PER_BLOCK) if SUB > 0 else 0
+    PARAM_BYTES: tl.constexpr = HEADER + SUB_BYTES
+    g = k0 // G + tl.arange(0, GROUPS)[None, :]  # [1, GROUPS]: the tile's groups
+    mask = n_mask & (g < K // G)
+    block = p_ptr + n * stride_pn + (g // PER_BLOCK) * PARAM_BYTES  # [BLOCK_N, GROUPS] byte pointers
+    a = _fp16_param(block, mask)
+    if SUB > 0:
+        sub = block + HEADER + g % PER_BLOCK
+        byte = tl.load(sub, mask=mask, other=0)
+        if SUB_LAYOUT == _SUB_SIGNED:
+            scale = ((byte.to(tl.int32) ^ 128) - 128).to(tl.float32)  # the byte's int8 value
+        else:
+            scale = (byte & 15).to(tl.float32) if SUB_LAYOUT == _SUB_NIBBLES else byte.to(tl.float32)
+        a = a * scale
+    w3 = (tl.reshape(w, (BLOCK_N, GROUPS, G)) - OFFSET) * a[:, :, None]
+    if HAS_MIN:
+        dmin = _fp16_param(block + 2, mask)
+        if SUB > 0:
+            if SUB_LAYOUT == _SUB_NIBBLES:
+                low = (byte >> 4).to(tl.float32)
+            else:
+                low = tl.load(sub + PER_BLOCK, mask=mask, other=0).to(tl.float32)
+            b = dmin * low
+        else:
+            b = -dmin
+        w3 = w3 - b[:, :, None]
+    return tl.reshape(w3, (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def apply_params(w, s_ptr, z_ptr, n, k0, n_mask, stride_sn, K, FORMAT: tl.constexpr, GROUP_SIZE: tl.constexpr,
+                 GGUF_OFFSET: tl.constexpr, GGUF_BLOCK: tl.constexpr, GGUF_SUB: tl.constexpr,
+                 GGUF_MIN: tl.constexpr, GGUF_SUB_LAYOUT: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """The decoded tile w with its format's group parameters applied: `apply_gguf_params` for GGUF (s_ptr: the
+    block parameters), else `apply_group_params`."""
+    if FORMAT == GGUF:
+        w = apply_gguf_params(w, s_ptr, n, k0, n_mask, stride_sn, K, GGUF_OFFSET, GGUF_BLOCK, GGUF_SUB, GGUF_MIN,
+                              GGUF_SUB_LAYOUT, BLOCK_N, BLOCK_K)
+    else:
+        w = apply_group_params(w, s_ptr, z_ptr, n, k0, n_mask, stride_sn, K, GROUP_SIZE, FORMAT == UINTX,
+                               BLOCK_N, BLOCK_K)
     return w

@@ -30,7 +30,7 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
 from triton.runtime.interpreter import InterpretedFunction
 
-from .formats import FLOATX, UINTX, WeightFormat, apply_group_params, decode, load_codes
+from .formats import FLOATX, WeightFormat, apply_params, decode, load_codes
 
 
 @dataclass(frozen=True)
@@ -121,23 +121,29 @@ def _matmul_kernel(
     M, N, K,
     stride_xm, stride_wn, stride_sn, stride_om,
     FORMAT: tl.constexpr, BITS: tl.constexpr, EBITS: tl.constexpr, MBITS: tl.constexpr,
-    GROUP_SIZE: tl.constexpr, WORDS: tl.constexpr, EVEN_K: tl.constexpr, LATE_SCALE: tl.constexpr,
+    GROUP_SIZE: tl.constexpr, GGUF_OFFSET: tl.constexpr, GGUF_BLOCK: tl.constexpr, GGUF_SUB: tl.constexpr,
+    GGUF_MIN: tl.constexpr, GGUF_SUB_LAYOUT: tl.constexpr, WORDS: tl.constexpr, EVEN_K: tl.constexpr,
+    LATE_SCALE: tl.constexpr,
     NATIVE_FP8: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """out = x @ dequant(W)^T + bias.
 
     x:     [M, K] fp16/bf16/fp32, row stride stride_xm, contiguous along K
-    w:     the stored weight: int8 [N, K] (INT8) or uint8 [N, K * BITS / 8] in the plane layout of
-           packing.py (UINTX: BITS in 1..8; FLOATX: BITS = 1 + EBITS + MBITS in 3..8, fp8 e4m3fn/e5m2
-           being EBITS 4/5), row stride stride_wn; WORDS: sub-byte planes read as words of 8 codes
-           (K % 32 == 0 and a 4-byte aligned w); EVEN_K: K % BLOCK_K == 0 (no column masks)
+    w:     the stored weight: int8 [N, K] (INT8; GGUF with BITS 8: Q8_0) or uint8 [N, K * BITS / 8] in the
+           plane layout of packing.py (UINTX: BITS in 1..8; FLOATX: BITS = 1 + EBITS + MBITS in 3..8, fp8
+           e4m3fn/e5m2 being EBITS 4/5; GGUF: BITS in 2..6), row stride stride_wn; WORDS: sub-byte planes read
+           as words of 8 codes (K % 32 == 0 and a 4-byte aligned w); EVEN_K: K % BLOCK_K == 0 (no column masks)
     s, z:  [N, G] (or [1, 1] with stride_sn 0: per-tensor fp8) in a float dtype, row stride stride_sn,
            contiguous along G; z only for UINTX. GROUP_SIZE = K / G, 0 for one group per row.
+           GGUF: s is the uint8 block parameters [N, K / GGUF_BLOCK * param_bytes] (formats.apply_gguf_params:
+           GGUF_OFFSET, GGUF_BLOCK, GGUF_SUB, GGUF_MIN, GGUF_SUB_LAYOUT describe them), z unused, GROUP_SIZE
+           the weights per group of parameters.
     bias:  [N] (HAS_BIAS) in any float dtype
     out:   [M, N] x.dtype, row stride stride_om, contiguous along N
 
-    W[n, k] = (decode(code[n, k]) - z[n, g]) * s[n, g],  g = k // GROUP_SIZE, in fp32 (formats.py).
+    W[n, k] = (decode(code[n, k]) - z[n, g]) * s[n, g],  g = k // GROUP_SIZE, in fp32 (formats.py); GGUF:
+    W[n, k] = (code[n, k] - GGUF_OFFSET) * a[n, g] - b[n, g].
     LATE_SCALE (one scale per row, codes exact in x.dtype): the scale multiplies the fp32 accumulator
     after the K loop instead of every weight.
 
@@ -172,8 +178,8 @@ def _matmul_kernel(
         code = load_codes(w_ptr, n, k0, n_mask, stride_wn, K, BITS, WORDS, EVEN_K, BLOCK_N, BLOCK_K)
         w = decode(code, FORMAT, BITS, EBITS, MBITS, NATIVE_FP8)
         if not LATE_SCALE:
-            w = apply_group_params(w, s_ptr, z_ptr, n, k0, n_mask, stride_sn, K, GROUP_SIZE, FORMAT == UINTX,
-                                   BLOCK_N, BLOCK_K)
+            w = apply_params(w, s_ptr, z_ptr, n, k0, n_mask, stride_sn, K, FORMAT, GROUP_SIZE, GGUF_OFFSET,
+                             GGUF_BLOCK, GGUF_SUB, GGUF_MIN, GGUF_SUB_LAYOUT, BLOCK_N, BLOCK_K)
         k = k0 + tl.arange(0, BLOCK_K)
         if BLOCK_M == 1:
             # x is re-read by every program: keep it in L2 (evict_last) while the weights stream past
@@ -206,8 +212,9 @@ def _matmul_kernel(
 def _dequantize_kernel(
     w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, stride_sn,
     FORMAT: tl.constexpr, BITS: tl.constexpr, EBITS: tl.constexpr, MBITS: tl.constexpr,
-    GROUP_SIZE: tl.constexpr, WORDS: tl.constexpr, EVEN_K: tl.constexpr, NATIVE_FP8: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_SIZE: tl.constexpr, GGUF_OFFSET: tl.constexpr, GGUF_BLOCK: tl.constexpr, GGUF_SUB: tl.constexpr,
+    GGUF_MIN: tl.constexpr, GGUF_SUB_LAYOUT: tl.constexpr, WORDS: tl.constexpr, EVEN_K: tl.constexpr,
+    NATIVE_FP8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out[n, k] = W[n, k] as `_matmul_kernel` defines it, rounded once to out's dtype.
 
@@ -220,8 +227,8 @@ def _dequantize_kernel(
     k0 = tl.program_id(1) * BLOCK_K
     code = load_codes(w_ptr, n, k0, n_mask, stride_wn, K, BITS, WORDS, EVEN_K, BLOCK_N, BLOCK_K)
     w = decode(code, FORMAT, BITS, EBITS, MBITS, NATIVE_FP8)
-    w = apply_group_params(w, s_ptr, z_ptr, n, k0, n_mask, stride_sn, K, GROUP_SIZE, FORMAT == UINTX,
-                           BLOCK_N, BLOCK_K)
+    w = apply_params(w, s_ptr, z_ptr, n, k0, n_mask, stride_sn, K, FORMAT, GROUP_SIZE, GGUF_OFFSET, GGUF_BLOCK,
+                     GGUF_SUB, GGUF_MIN, GGUF_SUB_LAYOUT, BLOCK_N, BLOCK_K)
     k = k0 + tl.arange(0, BLOCK_K)
     tl.store(out_ptr + n * K + k[None, :], w.to(out_ptr.dtype.element_ty), mask=n_mask & (k < K)[None, :])
 
@@ -250,8 +257,11 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def group_size_of(k: int, scale: torch.Tensor) -> int:
-    """The GROUP_SIZE constexpr of a scale [N, G] (or [1, 1]): K / G, 0 for one scale per row."""
+def group_size_of(fmt: WeightFormat, k: int, scale: torch.Tensor) -> int:
+    """The GROUP_SIZE constexpr of a scale [N, G] (or [1, 1]): K / G, 0 for one scale per row; the format's
+    own where it fixes one (GGUF, whose `scale` is its block parameters)."""
+    if fmt.group_size is not None:
+        return fmt.group_size
     groups = scale.shape[-1]
     return 0 if groups == 1 else k // groups
 
@@ -288,8 +298,12 @@ def _stride_sn(scale: torch.Tensor) -> int:
 
 def format_constexprs(fmt: WeightFormat, qweight: torch.Tensor, scale: torch.Tensor, k: int) -> dict:
     """The constexprs that describe the stored weight, shared by both kernels."""
+    blocks = fmt.blocks
+    gguf = (dict(GGUF_OFFSET=blocks.offset, GGUF_BLOCK=blocks.block, GGUF_SUB=blocks.sub_block,
+                 GGUF_MIN=blocks.has_min, GGUF_SUB_LAYOUT=blocks.sub_layout) if blocks is not None else
+            dict(GGUF_OFFSET=0, GGUF_BLOCK=0, GGUF_SUB=0, GGUF_MIN=False, GGUF_SUB_LAYOUT=0))
     return dict(FORMAT=fmt.kind, BITS=fmt.bits, EBITS=fmt.ebits, MBITS=fmt.mbits,
-                GROUP_SIZE=group_size_of(k, scale), WORDS=word_loads(fmt, qweight, k),
+                GROUP_SIZE=group_size_of(fmt, k, scale), **gguf, WORDS=word_loads(fmt, qweight, k),
                 NATIVE_FP8=native_fp8(fmt, qweight.device))
 
 
@@ -329,7 +343,7 @@ def fit(config: KernelConfig, m: int) -> KernelConfig:
 
 def late_scale(fmt: WeightFormat, scale: torch.Tensor, k: int, dtype: torch.dtype) -> bool:
     """Whether the per-row scale multiplies the accumulator after the K loop (LATE_SCALE)."""
-    return group_size_of(k, scale) == 0 and not fmt.has_zero and fmt.codes_exact_in(dtype)
+    return group_size_of(fmt, k, scale) == 0 and not fmt.has_zero and fmt.codes_exact_in(dtype)
 
 
 def matmul_launch(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,

@@ -5,6 +5,8 @@ torch.compile(fullgraph=True) traces into them and Inductor sees the Triton kern
     quantrt::uintx_linear(x, qweight, scale, zero, bias, bits)      uintx.uintx_linear
     quantrt::floatx_linear(x, qweight, scale, bias, ebits, mbits)   floatx.floatx_linear (fpX, and fp8 as
                                                                     e4m3 = (4, 3), e5m2 = (5, 2))
+    quantrt::gguf_linear(x, qweight, block_scales, bias, ggml_type) gguf.gguf_linear (the GGUF block types,
+                                                                    by ggml type number: Q4_K = 12)
 
 x is [M, K]; the group size follows from the scale's shape. triton_op registers the body itself as the
 fake (meta) implementation: shapes come from tracing it.
@@ -25,7 +27,9 @@ from . import quantize as Q
 from .matmul import interpreting
 from .floatx import FP8_FORMATS
 from .floatx import floatx_linear as _floatx_linear
+from .gguf import gguf_linear as _gguf_linear
 from .int8 import int8_linear as _int8_linear
+from .packing import GGUF_BY_TYPE
 from .reference import linear_dequantized
 from .uintx import uintx_linear as _uintx_linear
 
@@ -87,3 +91,18 @@ def floatx_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, b
     if _bf16_interpreted(x, scale, bias):
         return _floatx_linear(*_upcast(x), qweight, *_upcast(scale, bias), ebits, mbits).to(x.dtype)
     return _floatx_linear(x, qweight, scale, bias, ebits, mbits)
+
+
+@triton_op("quantrt::gguf_linear", mutates_args=())
+def gguf_linear(x: torch.Tensor, qweight: torch.Tensor, block_scales: torch.Tensor, bias: Optional[torch.Tensor],
+                ggml_type: int) -> torch.Tensor:
+    """x [M, K] @ W^T + bias -> [M, N] in x.dtype, W the GGUF weight of ggml type `ggml_type` (Q8_0 = 8, Q4_K =
+    12, ...) stored as qweight and block_scales (quantize.pack_gguf)."""
+    if use_reference(x):
+        if ggml_type not in GGUF_BY_TYPE:
+            raise ValueError(f"ggml type {ggml_type} is not a GGUF block type quantrt serves")
+        weight = Q.dequantize_gguf(qweight, block_scales, GGUF_BY_TYPE[ggml_type].name, x.shape[-1])
+        return linear_dequantized(x, weight, bias)
+    if _bf16_interpreted(x, bias):
+        return _gguf_linear(*_upcast(x), qweight, block_scales, *_upcast(bias), ggml_type).to(x.dtype)
+    return _gguf_linear(x, qweight, block_scales, bias, ggml_type)

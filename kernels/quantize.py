@@ -12,11 +12,14 @@ Formats:
     fpX       w = decode(c) * s,          c an X-bit float code: 1 sign, A exponent, B mantissa bits,
                                           bias 2**(A-1) - 1, subnormals, no inf/nan, 3 <= X <= 7
     fp8       w = float(q) * s,           q torch.float8_e4m3fn or torch.float8_e5m2
+    GGUF      w = (q - offset) * a - b,   GGUF's block types (Q8_0 ... Q6_K): codes in bit planes (Q8_0: int8),
+                                          a and b from fp16 block scales and integer sub-block scales
+                                          (packing.GGUF_BLOCKS has the layout), never rounded to another dtype
 """
 
 import torch
 
-from .packing import pack_uintx, unpack_uintx
+from .packing import GgufBlocks, gguf_blocks, pack_block_params, pack_uintx, unpack_block_params, unpack_uintx
 
 FP8_DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 
@@ -221,3 +224,135 @@ def quantize_fp8_static(x: torch.Tensor, fp8: str, scale: torch.Tensor) -> torch
     dtype = FP8_DTYPES[fp8]
     fmax = torch.finfo(dtype).max
     return (x.float() / scale).clamp_(-fmax, fmax).to(dtype)
+
+
+def pack_gguf(fields: dict[str, torch.Tensor], name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A GGUF weight's fields -> (qweight, block_scales) as quantrt stores them. fields: "codes" [N, K] (uint8 in
+    [0, 2**bits), Q8_0 int8), "d" and, where the type has them, "dmin" float16 [N, K / block], "scales" and "mins"
+    [N, K / sub_block] integers. qweight: uint8 [N, K * bits / 8] in bit planes (Q8_0: int8 [N, K]); block_scales:
+    uint8 [N, K / block * param_bytes] (packing.py)."""
+    blocks = gguf_blocks(name)
+    codes = fields["codes"]
+    qweight = codes.to(torch.int8) if blocks.signed_codes else pack_uintx(codes, blocks.bits)
+    return qweight, pack_block_params(blocks, fields["d"], fields.get("dmin"), fields.get("scales"),
+                                      fields.get("mins"))
+
+
+def unpack_gguf(qweight: torch.Tensor, block_scales: torch.Tensor, name: str, k: int) -> dict[str, torch.Tensor]:
+    """Inverse of `pack_gguf`."""
+    blocks = gguf_blocks(name)
+    codes = qweight if blocks.signed_codes else unpack_uintx(qweight, blocks.bits, k)
+    return {"codes": codes, **unpack_block_params(blocks, block_scales)}
+
+
+def _gguf_factors(blocks: GgufBlocks, fields: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    # float32 (a, b) per group [N, K / group]: a = d * scale (d alone without sub-blocks), b = dmin * min or -m.
+    # a and b are exact in float32 (an fp16 times an integer of at most 8 bits), as in gguf's own dequantize
+    d = fields["d"].float()
+    if not blocks.sub_block:
+        return d, -fields["dmin"].float() if blocks.has_min else None
+    a = d.repeat_interleave(blocks.sub_blocks, dim=1) * fields["scales"].float()
+    if not blocks.has_min:
+        return a, None
+    return a, fields["dmin"].float().repeat_interleave(blocks.sub_blocks, dim=1) * fields["mins"].float()
+
+
+def dequantize_gguf_fields(fields: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """float32 [N, K] of a GGUF weight's fields (`pack_gguf`): w = (q - offset) * a - b, each weight rounded once,
+    in the order gguf.quants.dequantize computes it (its products are exact, so the two agree bit for bit)."""
+    blocks = gguf_blocks(name)
+    codes = fields["codes"].float()
+    n, k = codes.shape
+    a, b = _gguf_factors(blocks, fields)
+    w = (codes.reshape(n, -1, blocks.group) - blocks.offset) * a.unsqueeze(-1)
+    if b is not None:
+        w = w - b.unsqueeze(-1)
+    return w.reshape(n, k)
+
+
+def dequantize_gguf(qweight: torch.Tensor, block_scales: torch.Tensor, name: str, k: int) -> torch.Tensor:
+    """qweight, block_scales (`pack_gguf`) of an [N, K] weight -> float32 [N, K]."""
+    return dequantize_gguf_fields(unpack_gguf(qweight, block_scales, name, k), name)
+
+
+def _fp16_up(x: torch.Tensor, qmax: float) -> torch.Tensor:
+    """x / qmax (x >= 0) rounded up to float16, so that qmax codes of it cover x; 1 where x is 0."""
+    return _safe_scale(x, qmax, torch.float16)
+
+
+def _signed_extreme(wg: torch.Tensor) -> torch.Tensor:
+    # the value of largest magnitude of each group [..., g], with its sign
+    return torch.gather(wg, -1, wg.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)
+
+
+# the largest sub-block scale (and min) of each K-quant: 4 bits (Q2_K), 6 bits (Q4_K, Q5_K; Q3_K's are signed,
+# -32 .. 31, used to +-31 here), 8 bits signed (Q6_K)
+_SUB_SCALE_MAX = {"q2_k": 15, "q3_k": 31, "q4_k": 63, "q5_k": 63, "q6_k": 127}
+
+
+def quantize_gguf_fields(w: torch.Tensor, name: str) -> dict[str, torch.Tensor]:
+    """quantrt's own quantizer into a GGUF block type, w [N, K] (K a multiple of the block) -> fields (`pack_gguf`).
+    Simpler than llama.cpp's (no iterative search), with ranges that always cover the weights: a group's scale is
+    rounded up (fp16 block scales, integer sub-block scales and mins), so no weight is clipped except, in the
+    symmetric types whose codes reach one step further below zero than above (Q4_0, Q5_0, Q3_K, Q6_K), the side
+    opposite a group's largest magnitude, by at most one step. Loading a GGUF file keeps the file's numbers; this
+    serves quantizing into these formats (QuantConfig("q4_k"), fuse_lora)."""
+    blocks = gguf_blocks(name)
+    n, k = w.shape
+    if k % blocks.block:
+        raise ValueError(f"{name} stores rows in blocks of {blocks.block} weights; K={k} is not a multiple")
+    wf = w.float()
+    wg = wf.reshape(n, -1, blocks.group)
+    qmax = 2**blocks.bits - 1
+    fields: dict[str, torch.Tensor] = {}
+    if name == "q8_0":
+        d = _fp16_up(wg.abs().amax(dim=-1), 127.0)
+        codes = torch.round(wg / d.float().unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
+        fields.update(d=d)
+    elif not blocks.sub_block and not blocks.has_min:  # Q4_0, Q5_0: the largest magnitude maps to code 0
+        extreme = _signed_extreme(wg)
+        d = _fp16_up(extreme.abs(), float(blocks.offset))
+        d = torch.where(extreme > 0, -d, d)
+        codes = (torch.round(wg / d.float().unsqueeze(-1)) + blocks.offset).clamp_(0, qmax)
+        fields.update(d=d)
+    elif not blocks.sub_block:  # Q4_1, Q5_1: [m, m + qmax * d] covers the block, m rounded down
+        lo = wg.amin(dim=-1)
+        m = lo.to(torch.float16)
+        m = torch.where(m.float() > lo, torch.nextafter(m, torch.full_like(m, float("-inf"))), m)
+        d = _fp16_up(wg.amax(dim=-1) - m.float(), float(qmax))
+        codes = torch.round((wg - m.float().unsqueeze(-1)) / d.float().unsqueeze(-1)).clamp_(0, qmax)
+        fields.update(d=d, dmin=m)
+    else:
+        smax = _SUB_SCALE_MAX[name]
+        per = blocks.sub_blocks
+        if blocks.has_min:  # Q2_K, Q4_K, Q5_K: w = d * scale * q - dmin * min, min >= 0 covers the group's low end
+            below = (-wg.amin(dim=-1)).clamp_(min=0).reshape(n, -1, per)
+            dmin = _fp16_up(below.amax(dim=-1), float(smax))
+            mins = torch.ceil(below / dmin.float().unsqueeze(-1)).clamp_(0, smax)
+            low = (dmin.float().unsqueeze(-1) * mins).reshape(n, -1)  # the group's codes start at -low
+            span = ((wg.amax(dim=-1) + low) / qmax).clamp_(min=0).reshape(n, -1, per)
+            d = _fp16_up(span.amax(dim=-1), float(smax))
+            scales = torch.ceil(span / d.float().unsqueeze(-1)).clamp_(0, smax)
+            a = (d.float().unsqueeze(-1) * scales).reshape(n, -1, 1)
+            codes = torch.where(a > 0, torch.round((wg + low.unsqueeze(-1)) / a.clamp(min=1e-38)), 0).clamp_(0, qmax)
+            fields.update(d=d, dmin=dmin, scales=scales.reshape(n, -1), mins=mins.reshape(n, -1))
+        else:  # Q3_K, Q6_K: each group's largest magnitude maps to code 0 (q - offset = -offset)
+            step = (_signed_extreme(wg) / -blocks.offset).reshape(n, -1, per)
+            d = _fp16_up(step.abs().amax(dim=-1), float(smax))
+            scales = torch.sign(step) * torch.ceil(step.abs() / d.float().unsqueeze(-1)).clamp_(0, smax)
+            a = (d.float().unsqueeze(-1) * scales).reshape(n, -1, 1)
+            safe = torch.where(a != 0, a, torch.ones_like(a))
+            codes = torch.where(a != 0, torch.round(wg / safe) + blocks.offset,
+                                torch.full_like(wg, blocks.offset)).clamp_(0, qmax)
+            fields.update(d=d, scales=scales.reshape(n, -1))
+    fields["codes"] = codes.reshape(n, k).to(torch.int8 if blocks.signed_codes else torch.uint8)
+    for key in ("d", "dmin"):
+        if key in fields and not torch.isfinite(fields[key]).all():
+            raise ValueError(f"{name}: weights up to {wf.abs().max().item():.3g} need block scales beyond float16's "
+                             f"range, which GGUF stores its scales in")
+    return fields
+
+
+def quantize_gguf(w: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (qweight, block_scales) of the GGUF block type `name` (`quantize_gguf_fields`, `pack_gguf`)."""
+    return pack_gguf(quantize_gguf_fields(w, name), name)

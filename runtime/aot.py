@@ -62,6 +62,9 @@ def inductor_configs(mode: str | None, options: dict[str, Any] | None) -> dict[s
     # Inductor's own (max-autotune's C++ GEMM templates on CPU) and no constants folded from them, either of
     # which would be a copy of the weights in each package
     chosen.update({"aot_inductor.package_constants_in_so": False, "cpp.weight_prepack": False, "freezing": False})
+    # AOTInductor writes the device's description into this dict in place: a fresh one, or it would write into
+    # the process's Inductor settings, which every later compilation's cache key (and quantrt's fingerprint) reads
+    chosen["aot_inductor.metadata"] = {}
     return chosen
 
 

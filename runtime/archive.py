@@ -18,8 +18,6 @@ archive a pipeline built.
 from __future__ import annotations
 
 import gzip
-import hashlib
-import json
 import os
 import shutil
 import tarfile
@@ -30,7 +28,8 @@ from pathlib import Path, PurePosixPath
 import torch
 from filelock import Timeout
 
-from .cache import MANIFEST, CacheEntry, Manifest, cache_root, entry_lock, sha256_file, sweep_work, work_base
+from .cache import (MANIFEST, CacheEntry, Manifest, cache_root, entry_lock, read_manifest, sha256_file, sweep_work,
+                    work_base)
 from .compile import ENVIRONMENT_FIELDS, environment_fields
 
 ARCHIVE_SUFFIX = ".tar.gz"
@@ -85,18 +84,6 @@ def entries_folder(root: Path | None) -> Path:
     return (Path(root) if root is not None else cache_root()) / "entries"
 
 
-def _read_manifest(folder: Path) -> Manifest:
-    """The manifest of the entry in `folder`, its checksum and structure checked (not its files); ValueError says
-    what is wrong."""
-    try:
-        data = json.loads((folder / MANIFEST).read_text())
-    except FileNotFoundError:
-        raise ValueError("it has no manifest (a warmup that did not finish)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"its manifest cannot be read: {e}") from None
-    return Manifest.from_json(data)
-
-
 def _is_staging(name: str) -> bool:
     return any(marker in name for marker in STAGING_MARKERS)
 
@@ -111,7 +98,7 @@ def list_entries(root: Path | None = None) -> list[EntryInfo]:
             continue
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
         try:
-            manifest = _read_manifest(path)
+            manifest = read_manifest(path)
         except ValueError as e:
             infos.append(EntryInfo(path.name, path, "?", "?", "?", "?", 0, 0, size, path.stat().st_mtime,
                                    f"unreadable: {e}"))
@@ -154,7 +141,7 @@ def export_entry(name: str, archive: str | os.PathLike, root: Path | None = None
         raise FileExistsError(f"{archive} exists: choose another path, or pass --overwrite (overwrite=True) to "
                               f"replace it")
     try:
-        manifest = _read_manifest(path)
+        manifest = read_manifest(path)
         CacheEntry(manifest.fields, root=path.parent.parent).verify(path)
     except ValueError as e:
         raise ArchiveError(f"the cache entry {path} cannot be exported: {e}; warm the model again to rebuild it") from e
@@ -227,7 +214,7 @@ def import_archive(archive: str | os.PathLike, root: Path | None = None, expecte
         except (tarfile.TarError, OSError, EOFError) as e:
             raise ArchiveError(f"{archive} is not a readable quantrt cache archive ({e})") from e
         try:
-            manifest = _read_manifest(staging)
+            manifest = read_manifest(staging)
         except ValueError as e:
             raise ArchiveError(f"{archive} is not a quantrt cache archive: {e}") from e
         if manifest.fingerprint != fingerprint:
@@ -313,7 +300,7 @@ def prune(root: Path | None = None, older_than_days: float | None = None, stale:
                 remove(path, "left by a warmup or import that did not finish")
             continue
         try:
-            manifest = _read_manifest(path)
+            manifest = read_manifest(path)
         except ValueError as e:
             remove(path, f"unreadable ({e})", path.name)
             continue

@@ -271,6 +271,18 @@ def _entry_files(folder: Path) -> Iterator[Path]:
             yield Path(parent) / name
 
 
+def read_manifest(folder: Path) -> Manifest:
+    """The manifest of the entry in `folder`, its checksum and structure checked (not the files it lists);
+    ValueError says what is wrong."""
+    try:
+        data = json.loads((folder / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise ValueError("it has no manifest (a warmup that did not finish)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"its manifest cannot be read: {e}") from None
+    return Manifest.from_json(data)
+
+
 def entry_lock(root: Path, fingerprint: str, timeout: float) -> FileLock:
     """The cross-process write lock of the entry `fingerprint` of the cache folder `root` (its file is made on
     first use)."""
@@ -319,13 +331,7 @@ class CacheEntry:
         the entry leads out of it (listed paths, symlinks), and every file it lists; ValueError says what is
         wrong."""
         path = path or self.path
-        try:
-            data = json.loads((path / MANIFEST).read_text())
-        except FileNotFoundError:
-            raise ValueError("it has no manifest (a warmup that did not finish)") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"its manifest cannot be read: {e}") from None
-        manifest = Manifest.from_json(data)
+        manifest = read_manifest(path)
         if manifest.fingerprint != self.fingerprint or path.name not in (self.fingerprint, f"{self.fingerprint}.new"):
             raise ValueError(f"it belongs to fingerprint {manifest.fingerprint}, not {self.fingerprint}")
         for key in sorted(set(self.fields) | set(manifest.fields)):
@@ -488,4 +494,4 @@ def lock_timeout_error(entry: CacheEntry) -> str:
 
 
 __all__ = ["CacheEntry", "CacheWarning", "MANIFEST", "Manifest", "Timeout", "cache_root", "compiler_safe",
-           "entry_lock", "fingerprint_of", "manifest_checksum", "sha256_file", "sweep_work", "work_base"]
+           "entry_lock", "fingerprint_of", "manifest_checksum", "read_manifest", "sha256_file", "sweep_work", "work_base"]

@@ -3,7 +3,7 @@
 A `Scheme` (schemes.py) names a storage format, its grouping and its activation treatment. The format object
 owns the rest:
 
-- its name (int8, uint4, fp6_e3m2, fp8_e4m3) and its family (`Scheme.weight`: int8, uintx, fpx, fp8);
+- its name (int8, uint4, fp6_e3m2, fp8_e4m3, q4_k) and its family (`Scheme.weight`: int8, uintx, fpx, fp8, gguf);
 - the tensors it stores, quantize and dequantize (the pure-torch definitions in quantrt.kernels.quantize);
 - which K it can pack (`unsupported_reason`), whether it takes a group size, whether it has zero points;
 - its kernel format (`kernel`: the quantrt torch op and what the Triton launcher reads of it);
@@ -18,6 +18,7 @@ The families and their variants:
 | uintx | uint1 .. uint7 | qweight uint8 [N, K * X / 8] (bit planes), scale, zero [N, K / g] |
 | fpx | fpX_eAmB, 3 <= X <= 7 | qweight uint8 [N, K * X / 8] (bit planes), scale [N, 1] |
 | fp8 | fp8_e4m3, fp8_e5m2 | qweight uint8 [N, K] (the fp8 bits), scale [N, 1] or per tensor [1, 1] |
+| gguf | q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, q6_k | qweight uint8 [N, K * X / 8] (bit planes; q8_0: int8 [N, K]), block_scales uint8 [N, K / block * param_bytes], scale [N, 0] |
 
 Adding a format: one class here (registered in `FAMILIES`), its section in quantrt.kernels (quantize.py and
 the kernels' decode), and the schemes that name it in schemes.py. A backend changes only where the format names
@@ -34,7 +35,7 @@ from typing import ClassVar, Iterator
 import torch
 
 from .kernels import quantize as Q
-from .kernels.packing import k_alignment, packed_bytes
+from .kernels.packing import GGUF_BLOCKS, GgufBlocks, gguf_blocks, k_alignment, packed_bytes
 
 # torch's CPU weight-only kernels (torch.ops.aten), as the aten backend calls them
 ATEN_INT8_KERNEL = "_weight_int8pack_mm"
@@ -47,8 +48,8 @@ TensorSpecs = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
 @dataclass(frozen=True)
 class KernelFormat:
-    """What quantrt's Triton kernels take for a format: the torch op `quantrt::<kind>_linear` (kind int8, uintx
-    or floatx, the WeightFormat kind of quantrt.kernels.formats), the bits per code and, for floats, the exponent
+    """What quantrt's Triton kernels take for a format: the torch op `quantrt::<kind>_linear` (kind int8, uintx,
+    floatx or gguf, the WeightFormat kind of quantrt.kernels.formats), the bits per code and, for floats, the exponent
     and mantissa bits. The op is called as op(x, *stored tensors named in `tensors`, bias, *`arguments`)."""
 
     kind: str
@@ -125,11 +126,12 @@ class StorageFormat(ABC):
 
     @abstractmethod
     def scheme_fields(self) -> dict[str, object]:
-        """The Scheme fields that name this format: weight (the family), bits, and ebits / mbits / fp8 where used."""
+        """The Scheme fields that name this format: weight (the family), bits, and ebits / mbits / fp8 / gguf where
+        used."""
 
     @classmethod
     @abstractmethod
-    def from_scheme_fields(cls, bits: int, ebits: int, mbits: int, fp8: str) -> StorageFormat:
+    def from_scheme_fields(cls, bits: int, ebits: int, mbits: int, fp8: str, gguf: str = "") -> StorageFormat:
         """The format of this family that a Scheme's fields name."""
 
     @classmethod
@@ -207,7 +209,7 @@ class Int8Format(StorageFormat):
         return {"weight": self.family, "bits": 8}
 
     @classmethod
-    def from_scheme_fields(cls, bits: int, ebits: int, mbits: int, fp8: str) -> StorageFormat:
+    def from_scheme_fields(cls, bits: int, ebits: int, mbits: int, fp8: str, gguf: str = "") -> StorageFormat:
         if bits != 8:
             raise ValueError(f"int8 codes have 8 bits, got bits={bits}")
         return cls()
@@ -281,7 +283,7 @@ class UintxFormat(StorageFormat):
         return {"weight": self.family, "bits": self.bits}
 
     @classmethod
-    def from_scheme_fields(cls, bits: int, ebits: int, mbits: int, fp8: str) -> StorageFormat:
+    def from_scheme_fields(cls, bits: int, ebits: int, mbits: int, fp8: str, gguf: str = "") -> StorageFormat:
         return cls(bits)
 
     @classmethod
@@ -342,7 +344,7 @@ class FpxFormat(StorageFormat):
         return {"weight": self.family, "bits": self.bits, "ebits": self.ebits, "mbits": self.mbits}
 
     @classmethod
-    def from_scheme_fields(cls, bits: int, ebits: int, mbits: int, fp8: str) -> StorageFormat:
+    def from_scheme_fields(cls, bits: int, ebits: int, mbits: int, fp8: str, gguf: str = "") -> StorageFormat:
         if bits != 1 + ebits + mbits:
             raise ValueError(f"an X-bit float has X = 1 + exponent + mantissa bits, but 1 + {ebits} + {mbits} != "
                              f"{bits}")
@@ -421,7 +423,7 @@ class Fp8Format(StorageFormat):
         return {"weight": self.family, "bits": 8, "fp8": self.kind}
 
     @classmethod
-    def from_scheme_fields(cls, bits: int, ebits: int, mbits: int, fp8: str) -> StorageFormat:
+    def from_scheme_fields(cls, bits: int, ebits: int, mbits: int, fp8: str, gguf: str = "") -> StorageFormat:
         if bits != 8:
             raise ValueError(f"fp8 codes have 8 bits, got bits={bits}")
         return cls(fp8)
@@ -444,8 +446,96 @@ class Fp8Format(StorageFormat):
         return Q.dequantize_fp8(tensors["qweight"].view(self.code_dtype), tensors["scale"])
 
 
+@dataclass(frozen=True)
+class GgufFormat(StorageFormat):
+    """A GGUF block type (llama.cpp's ggml quantizations Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K),
+    holding the numbers a GGUF file stores: w = (q - offset) * a - b per group, a and b from the block's fp16 d
+    (and dmin / m) and, in the K-quants, the sub-block's integer scale (and min), each weight rounded once
+    (quantrt.kernels.packing.GGUF_BLOCKS has the layout). The codes are in bit planes (Q8_0: int8), the
+    parameters in `block_scales` as GGUF's own bytes (fp16 bits, integer sub-scales: 6-bit ones one byte each),
+    so they are never rounded to the layer's dtype and the bytes stay within 4% of the file's (Q3_K +3.6%,
+    Q4_K +2.8%, Q5_K +2.3%, the others equal). Rows are whole blocks (K a multiple of 32, K-quants 256).
+
+    `scale` is empty, [N, 0] in the layer's dtype: the rest of quantrt reads a layer's compute dtype from its
+    scale (`layer.scale.dtype`), and `module.to(dtype)` converts it (and only it: the codes and block_scales are
+    integers)."""
+
+    family: ClassVar[str] = "gguf"
+
+    gguf: str  # the block type: q8_0 ... q6_k
+
+    def __post_init__(self):
+        gguf_blocks(self.gguf)
+
+    @property
+    def blocks(self) -> GgufBlocks:
+        return GGUF_BLOCKS[self.gguf]
+
+    @property
+    def bits(self) -> int:
+        return self.blocks.bits
+
+    @property
+    def packed(self) -> bool:  # Q8_0's int8 codes are stored as they are
+        return not self.blocks.signed_codes
+
+    @property
+    def name(self) -> str:
+        return self.gguf
+
+    @property
+    def code_dtype(self) -> torch.dtype:
+        return torch.int8 if self.blocks.signed_codes else torch.uint8
+
+    @property
+    def kernel(self) -> KernelFormat:
+        return KernelFormat("gguf", self.bits, tensors=("qweight", "block_scales"),
+                            arguments=(self.blocks.ggml_type,))
+
+    @property
+    def k_alignment(self) -> int:
+        return self.blocks.block
+
+    def scheme_fields(self) -> dict[str, object]:
+        return {"weight": self.family, "bits": self.bits, "gguf": self.gguf}
+
+    @classmethod
+    def from_scheme_fields(cls, bits: int, ebits: int, mbits: int, fp8: str, gguf: str = "") -> StorageFormat:
+        storage = cls(gguf)
+        if bits != storage.bits:
+            raise ValueError(f"{gguf} codes have {storage.bits} bits, got bits={bits}")
+        return storage
+
+    @classmethod
+    def variants(cls) -> Iterator[StorageFormat]:
+        for name in GGUF_BLOCKS:
+            yield cls(name)
+
+    def unsupported_reason(self, n: int, k: int, group_size: int | None = None) -> str | None:
+        if group_size is not None:
+            return f"{self.gguf} groups its weights in GGUF's own blocks, not in groups of {group_size}"
+        if k % self.blocks.block:
+            return f"K={k} is not a multiple of {self.gguf}'s blocks of {self.blocks.block} weights"
+        return None
+
+    def tensor_specs(self, n: int, k: int, dtype: torch.dtype, group_size: int | None = None,
+                     per_tensor: bool = False) -> TensorSpecs:
+        blocks = self.blocks
+        return {"qweight": ((n, blocks.code_bytes(k)), self.code_dtype), "scale": ((n, 0), dtype),
+                "block_scales": ((n, k // blocks.block * blocks.param_bytes), torch.uint8)}
+
+    def quantize(self, weight: torch.Tensor, group_size: int | None = None,
+                 per_tensor: bool = False) -> dict[str, torch.Tensor]:
+        qweight, block_scales = Q.quantize_gguf(weight, self.gguf)
+        return {"qweight": qweight, "scale": weight.new_empty((weight.shape[0], 0)), "block_scales": block_scales}
+
+    def dequantize(self, tensors: dict[str, torch.Tensor], k: int) -> torch.Tensor:
+        return Q.dequantize_gguf(tensors["qweight"], tensors["block_scales"], self.gguf, k)
+
+
 # Scheme.weight -> the family's class
-FAMILIES: dict[str, type[StorageFormat]] = {cls.family: cls for cls in (Int8Format, UintxFormat, FpxFormat, Fp8Format)}
+FAMILIES: dict[str, type[StorageFormat]] = {cls.family: cls for cls in (Int8Format, UintxFormat, FpxFormat, Fp8Format,
+                                                                         GgufFormat)}
 # every format quantrt stores, by name
 FORMATS: dict[str, StorageFormat] = {fmt.name: fmt for cls in FAMILIES.values() for fmt in cls.variants()}
 # optimum-quanto's weight qtypes -> the format that stores the same numbers: each format's own qtype, and quanto's
@@ -457,9 +547,10 @@ QUANTO_QTYPES: dict[str, StorageFormat] = {
 }
 
 
-def storage_format(family: str, bits: int, ebits: int = 0, mbits: int = 0, fp8: str = "") -> StorageFormat:
-    """The format that a Scheme's weight (family), bits, ebits, mbits and fp8 fields name."""
+def storage_format(family: str, bits: int, ebits: int = 0, mbits: int = 0, fp8: str = "",
+                   gguf: str = "") -> StorageFormat:
+    """The format that a Scheme's weight (family), bits, ebits, mbits, fp8 and gguf fields name."""
     cls = FAMILIES.get(family)
     if cls is None:
         raise ValueError(f"unknown storage format family {family!r}; one of {', '.join(FAMILIES)}")
-    return cls.from_scheme_fields(bits=bits, ebits=ebits, mbits=mbits, fp8=fp8)
+    return cls.from_scheme_fields(bits=bits, ebits=ebits, mbits=mbits, fp8=fp8, gguf=gguf)

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .formats import FAMILIES, QUANTO_QTYPES, Fp8Format, FpxFormat, Int8Format, StorageFormat, TensorSpecs, \
-    UintxFormat, storage_format
+from .formats import FAMILIES, QUANTO_QTYPES, Fp8Format, FpxFormat, GgufFormat, Int8Format, StorageFormat, \
+    TensorSpecs, UintxFormat, storage_format
 
 WEIGHT_KINDS = tuple(FAMILIES)
 ACTIVATIONS = ("none", "int8_token", "fp8_tensor", "fp8_row", "fp8_static")
@@ -38,11 +38,13 @@ class Scheme:
     fp8: str = ""
     per_tensor: bool = False
     activation: str = "none"
-    # the format object that weight, bits, ebits, mbits and fp8 name: derived, so not compared, hashed or shown
+    gguf: str = ""  # the GGUF block type of a gguf scheme (q4_k)
+    # the format object that weight, bits, ebits, mbits, fp8 and gguf name: derived, so not compared, hashed or shown
     storage: StorageFormat = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        object.__setattr__(self, "storage", storage_format(self.weight, self.bits, self.ebits, self.mbits, self.fp8))
+        object.__setattr__(self, "storage", storage_format(self.weight, self.bits, self.ebits, self.mbits, self.fp8,
+                                                           self.gguf))
 
     @property
     def weight_only(self) -> bool:
@@ -57,6 +59,10 @@ class Scheme:
         """A human-readable one-liner: format, grouping and activations."""
         grouping = "per tensor" if self.per_tensor else (
             f"group {self.group_size}" if self.group_size else "per channel")
+        if isinstance(self.storage, GgufFormat):
+            blocks = self.storage.blocks
+            grouping = f"GGUF blocks of {blocks.block}" + (f", sub-blocks of {blocks.sub_block}" if blocks.sub_block
+                                                           else "")
         act = {"none": "bf16/fp16 activations", "int8_token": "int8 per-token activations",
                "fp8_tensor": "fp8 per-tensor activations", "fp8_row": "fp8 per-row activations",
                "fp8_static": "fp8 static-scale activations"}[self.activation]
@@ -153,6 +159,11 @@ ALIASES: dict[str, str] = {
     "float8sq": "float8_static_activation_float8_weight",
 }
 
+# GGUF's block types (llama.cpp's ggml quantizations), by their lowercase names: what a GGUF file's tensors load as
+# (quantrt.checkpoints.gguf), and formats to quantize into. Kept apart from SCHEMES, the schemes every model takes:
+# the K-quants need K to be a multiple of 256
+GGUF_SCHEMES: dict[str, Scheme] = {storage.name: _scheme(storage.name, storage) for storage in GgufFormat.variants()}
+
 # quanto's group size for its packed qtypes (qint4, qint2), where it divides K
 QUANTO_GROUP_SIZE = 128
 
@@ -184,7 +195,7 @@ FP8_WEIGHT_DTYPES = {"float8_e4m3fn": "e4m3", "e4m3fn": "e4m3", "e4m3": "e4m3",
 
 def valid_names() -> list[str]:
     """Every accepted scheme spelling, canonical names first."""
-    names = list(SCHEMES) + list(ALIASES) + list(PARAMETRIZED) + list(QUANTO_WEIGHTS)
+    names = list(SCHEMES) + list(ALIASES) + list(PARAMETRIZED) + list(QUANTO_WEIGHTS) + list(GGUF_SCHEMES)
     return list(dict.fromkeys(names))
 
 
@@ -197,7 +208,7 @@ def _unknown(name: str) -> ValueError:
     return ValueError(
         f"unknown quantization scheme {name!r}.{hint} Valid schemes: {listing}; aliases: "
         f"{', '.join(sorted(set(ALIASES) - {a for a in ALIASES if a.startswith('fp')}))}, fpX; "
-        f"quanto weights dtypes: {', '.join(QUANTO_WEIGHTS)}."
+        f"quanto weights dtypes: {', '.join(QUANTO_WEIGHTS)}; GGUF block types: {', '.join(GGUF_SCHEMES)}."
     )
 
 
@@ -313,6 +324,9 @@ def _parametrized(name: str, kwargs: dict) -> Scheme:
 
 
 def _check_group_size(scheme: Scheme, group_size: int) -> None:
+    if isinstance(scheme.storage, GgufFormat):
+        raise ValueError(f"{scheme.name} groups its weights in GGUF's own blocks and takes no group_size (got "
+                         f"{group_size})")
     if not scheme.storage.takes_group_size:
         raise ValueError(f"{scheme.name} uses one scale per output channel and takes no group_size "
                          f"(got {group_size}); use int8wo, int4wo or uintXwo for grouped scales")
@@ -353,6 +367,8 @@ def resolve_scheme(name: str | Scheme, group_size: int | None = None, **kwargs) 
             scheme = SCHEMES[ALIASES[key]]
         elif key in QUANTO_WEIGHTS:
             scheme = QUANTO_WEIGHTS[key]
+        elif key in GGUF_SCHEMES:
+            scheme = GGUF_SCHEMES[key]
         elif fpx:
             bits, ebits, mbits = map(int, fpx.groups())
             if bits != 1 + ebits + mbits:

@@ -1,8 +1,8 @@
 """The triton backend: quantrt's own Triton weight-only kernels, through the torch ops of
-quantrt.kernels.ops (quantrt::int8_linear, quantrt::uintx_linear, quantrt::floatx_linear), which
-torch.compile(fullgraph=True) traces without graph breaks.
+quantrt.kernels.ops (quantrt::int8_linear, quantrt::uintx_linear, quantrt::floatx_linear, quantrt::gguf_linear),
+which torch.compile(fullgraph=True) traces without graph breaks.
 
-Serves every weight-only scheme (int8, uintX/int4, fpX, fp8) on CUDA, each through the op its storage format
+Serves every weight-only scheme (int8, uintX/int4, fpX, fp8, the GGUF block types) on CUDA, each through the op its storage format
 names (`StorageFormat.kernel`: quantrt::<kind>_linear(x, stored tensors, bias, int arguments)); on CPU only with
 TRITON_INTERPRET=1 set before quantrt is imported, when the same kernels run through Triton's interpreter (slow:
 for tests).
@@ -22,11 +22,11 @@ from . import Backend
 
 try:
     from ..kernels import ops  # registers the quantrt:: ops
-    from ..kernels.formats import FLOATX, INT8, UINTX, WeightFormat
+    from ..kernels.formats import FLOATX, GGUF, INT8, UINTX, WeightFormat
     from ..kernels.matmul import FLOAT_DTYPES, interpreter_mismatch
 
     # KernelFormat.kind -> the kernels' WeightFormat kind
-    WEIGHT_FORMAT_KINDS = {"int8": INT8, "uintx": UINTX, "floatx": FLOATX}
+    WEIGHT_FORMAT_KINDS = {"int8": INT8, "uintx": UINTX, "floatx": FLOATX, "gguf": GGUF}
 except ImportError as e:  # no triton, or a torch without torch.library.triton_op
     ops = None
     _import_error = e
@@ -42,7 +42,8 @@ def weight_format(storage: StorageFormat) -> WeightFormat:
     if ops is None:
         raise RuntimeError(f"the Triton kernels cannot be imported ({type(_import_error).__name__}: {_import_error})")
     kernel = storage.kernel
-    return WeightFormat(WEIGHT_FORMAT_KINDS[kernel.kind], kernel.bits, kernel.ebits, kernel.mbits)
+    return WeightFormat(WEIGHT_FORMAT_KINDS[kernel.kind], kernel.bits, kernel.ebits, kernel.mbits,
+                        gguf=storage.name if kernel.kind == "gguf" else "")
 
 
 class TritonBackend(Backend):

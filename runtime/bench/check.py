@@ -780,6 +780,18 @@ def step_compile(ctx: CheckContext, result: StepResult) -> None:
         result.status = "FAILED" if result.failures else "cut short" if not_run else "ok"
 
 
+def _quantized_linear(ctx: CheckContext, plan: CompilePlan, scheme: str,
+                      m: int) -> tuple[QuantizedTransformer, torch.Tensor, torch.Tensor]:
+    """nn.Sequential(nn.Linear(K, N)) quantized with `scheme` through the triton backend, an input x [m, K] and the
+    float64 reference x @ W^T + b of its dequantized weight."""
+    torch.manual_seed(m)
+    model = nn.Sequential(nn.Linear(plan.k, plan.n)).to(device=ctx.device, dtype=plan.dtype)
+    qt = QuantizedTransformer.from_model(model, QuantConfig(scheme, backend="triton"), progress=False)
+    layer = next(iter(qt.quantized_layers().values()))
+    x = torch.randn(m, plan.k, device=ctx.device, dtype=plan.dtype)
+    return qt, x, x.double() @ layer.dequantize().double().T + layer.bias.double()
+
+
 def _compile_case(ctx: CheckContext, plan: CompilePlan, scheme: str, m: int, mode: str,
                   need_kernel: bool) -> CheckRow:
     """One compile check, as its CSV row."""
@@ -789,12 +801,7 @@ def _compile_case(ctx: CheckContext, plan: CompilePlan, scheme: str, m: int, mod
     row = CheckRow("compile", "torch.compile", scheme, dtype_name(plan.dtype), "", plan.n, plan.k, m)
     tol = TOLERANCE[plan.dtype]
     try:
-        torch.manual_seed(m)
-        model = nn.Sequential(nn.Linear(plan.k, plan.n)).to(device=ctx.device, dtype=plan.dtype)
-        qt = QuantizedTransformer.from_model(model, QuantConfig(scheme, backend="triton"), progress=False)
-        layer = next(iter(qt.quantized_layers().values()))
-        x = torch.randn(m, plan.k, device=ctx.device, dtype=plan.dtype)
-        ref = x.double() @ layer.dequantize().double().T + layer.bias.double()
+        qt, x, ref = _quantized_linear(ctx, plan, scheme, m)
         with torch.no_grad():
             eager = qt.model(x)
             torch._dynamo.reset()
@@ -832,12 +839,7 @@ def _aot_case(ctx: CheckContext, plan: CompilePlan, scheme: str, m: int, mode: s
     row = CheckRow("compile", "aot package", scheme, dtype_name(plan.dtype), "", plan.n, plan.k, m)
     tol = TOLERANCE[plan.dtype]
     try:
-        torch.manual_seed(m)
-        model = nn.Sequential(nn.Linear(plan.k, plan.n)).to(device=ctx.device, dtype=plan.dtype)
-        qt = QuantizedTransformer.from_model(model, QuantConfig(scheme, backend="triton"), progress=False)
-        layer = next(iter(qt.quantized_layers().values()))
-        x = torch.randn(m, plan.k, device=ctx.device, dtype=plan.dtype)
-        ref = x.double() @ layer.dequantize().double().T + layer.bias.double()
+        qt, x, ref = _quantized_linear(ctx, plan, scheme, m)
         with tempfile.TemporaryDirectory(prefix="quantrt-check-aot-") as folder, torch.no_grad():
             eager = qt.model(x)  # tunes on a miss, so that the package bakes the pick
             start = time.perf_counter()

@@ -31,8 +31,15 @@ measured exactly like the fixed-scheme rows. Its plan is written as JSON next to
 the layers per chosen scheme and backend. Measuring takes a while on a large model: every candidate through
 every backend that can serve it, on every layer.
 
+GGUF (issue 21): for a GGUF block type (`--schemes q4_k,q8_0`, in the default schemes) the provider
+"diffusers-gguf" is diffusers' own GGUF path on the same numbers: every Linear layer quantrt stores in that type
+becomes diffusers' GGUFLinear holding the same GGUF blocks (quantrt's quantizer, written in GGUF's layout by
+quantrt.checkpoints.gguf.gguf_block_bytes), which dequantizes its weight on every forward; quantrt serves the
+same blocks from its fused kernels. The provider pairs with GGUF schemes only.
+
 Targets (issue 7): every weight-only scheme, through quantrt, at least as fast as bf16 when both are
-compiled; the best quantrt scheme >= 1.4x bf16 compiled. Reported, not a target: whether autoquant's compiled
+compiled; the best quantrt scheme >= 1.4x bf16 compiled; each GGUF scheme through quantrt at least as fast as
+diffusers' GGUF path, both compiled. Reported, not a target: whether autoquant's compiled
 forward is faster than every fixed quantrt scheme's, with the errors side by side. Without CUDA (or with
 --cpu-smoke) a reduced run checks the benchmark itself: the tiny FLUX and Llama configs, few schemes, a CPU
 timer, nothing compiled unless `--compile` is given.
@@ -57,7 +64,10 @@ import torch.nn as nn
 from ..backends.torchao import TorchaoCannotServe, torchao_config
 from ..calibrate import calibrate
 from ..compile import repeated_blocks
+from ..checkpoints.gguf import gguf_block_bytes
 from ..config import AUTOQUANT_MAX_ERROR, QuantConfig
+from ..formats import GgufFormat
+from ..kernels.quantize import quantize_gguf_fields
 from ..metrics import relative_error
 from ..models import FLUX_SIZES, FLUX_TOKENS, LLM_SIZES, build_flux, build_llm, flux_inputs
 from ..schemes import Scheme, resolve_scheme
@@ -70,9 +80,10 @@ from .report import (PLOT_MISSING, CsvLog, TargetResult, cell, csv_headers, devi
                      note_cell, pyplot, targets_table, write_text)
 
 MODELS = ("flux", "llm")
-SCHEMES = ("int8wo", "int4wo", "uint3wo", "float8wo_e4m3", "float8wo_e5m2", "fp6_e3m2")
+SCHEMES = ("int8wo", "int4wo", "uint3wo", "float8wo_e4m3", "float8wo_e5m2", "fp6_e3m2", "q4_k", "q8_0")
 SMOKE_SCHEMES = ("int8wo", "int4wo", "fp6_e3m2")
-PROVIDERS = ("quantrt", "torchao")
+PROVIDERS = ("quantrt", "torchao", "diffusers-gguf")
+GGUF_PROVIDER = "diffusers-gguf"  # diffusers' GGUFLinear: GGUF schemes only
 BASELINE = "bf16"
 TARGET_BEST_SPEEDUP = 1.4
 AUTOQUANT = "autoquant"  # the autoquant row's scheme column
@@ -218,6 +229,39 @@ def _quantize_torchao(model: nn.Module, scheme: Scheme, device: torch.device, dt
     return model, f"torchao {distribution_version('torchao')} {type(config).__name__} x{len(names)}"
 
 
+def _quantize_diffusers_gguf(model: nn.Module, scheme: Scheme) -> tuple[nn.Module, str]:
+    """diffusers' GGUF path on the layers quantrt stores as `scheme` (a GGUF block type): each becomes diffusers'
+    GGUFLinear holding the blocks of quantrt's quantization of its weight (so both providers compute with the
+    same numbers), dequantized on every forward."""
+    try:
+        import gguf
+        from diffusers.quantizers.gguf.utils import GGUFLinear, GGUFParameter
+    except ImportError as e:
+        raise ModelSkip(f"diffusers' GGUF path needs diffusers and gguf ({e})") from e
+    kind = scheme.name.upper()
+    count = 0
+    for name, linear in list(model.named_modules()):
+        if type(linear) is not nn.Linear or scheme.unsupported_reason(linear.out_features, linear.in_features):
+            continue
+        weight = linear.weight.detach()
+        blocks = gguf_block_bytes(quantize_gguf_fields(weight, scheme.name), kind)
+        layer = GGUFLinear(linear.in_features, linear.out_features, linear.bias is not None,
+                           compute_dtype=weight.dtype, device="meta")
+        layer.weight = GGUFParameter(blocks, quant_type=gguf.GGMLQuantizationType[kind])
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
+        model.set_submodule(name, layer.requires_grad_(False))
+        count += 1
+        del weight, linear
+    return model, f"diffusers {distribution_version('diffusers')} GGUFLinear x{count}"
+
+
+def pairs(scheme: Scheme, provider: str) -> bool:
+    """Whether the benchmark has a row for `scheme` through `provider`: diffusers' GGUF path serves GGUF block
+    types only."""
+    return provider != GGUF_PROVIDER or isinstance(scheme.storage, GgufFormat)
+
+
 def _regional_compile(model: nn.Module, mode: str) -> int:
     """Compile, in place, the blocks that qt.compile(regional=True) compiles (quantrt.compile.repeated_blocks:
     diffusers' `_repeated_blocks`, else ModuleLists of same-class blocks); returns how many."""
@@ -315,7 +359,7 @@ def run_case(case: ModelCase, schemes: Sequence[str], providers: Sequence[str], 
     rows = [base]
     for name in schemes:
         scheme = resolve_scheme(name)
-        for provider in providers:
+        for provider in filter(functools.partial(pairs, scheme), providers):
             row = Row(case.name, scheme.name, provider)
             quantized = functools.partial(_fixed_scheme_model, case, scheme, provider, inputs, device, dtype, row)
             rows.append(_timed_row(row, quantized, case, inputs, device, base, reference, repeats, compile_mode,
@@ -334,6 +378,8 @@ def _fixed_scheme_model(case: ModelCase, scheme: Scheme, provider: str, inputs: 
     model = case.build()
     if provider == "quantrt":
         model, row.detail = _quantize_quantrt(model, scheme, inputs)
+    elif provider == GGUF_PROVIDER:
+        model, row.detail = _quantize_diffusers_gguf(model, scheme)
     else:
         model, row.detail = _quantize_torchao(model, scheme, device, dtype)
     return model
@@ -391,9 +437,30 @@ def check_targets(rows: Sequence[Row]) -> list[TargetResult]:
             best = max(timed, key=lambda r: r.compiled_speedup)
             results.append(TargetResult(text, "met" if best.compiled_speedup >= TARGET_BEST_SPEEDUP else "NOT met",
                                         f"best {best.scheme} {best.compiled_speedup:.2f}x"))
+        results += gguf_comparisons([r for r in rows if r.model == model])
         auto = next((r for r in rows if r.model == model and r.scheme == AUTOQUANT), None)
         if auto is not None:
             results.append(autoquant_comparison(auto, ours))
+    return results
+
+
+def gguf_comparisons(rows: Sequence[Row]) -> list[TargetResult]:
+    """One model's rows -> per GGUF scheme with a diffusers-gguf row: quantrt >= diffusers' GGUF path, compiled."""
+    results = []
+    for theirs in (r for r in rows if r.provider == GGUF_PROVIDER):
+        text = f"{theirs.model}: {theirs.scheme} through quantrt >= diffusers' GGUF path, compiled"
+        ours = next((r for r in rows if r.provider == "quantrt" and r.scheme == theirs.scheme), None)
+        if ours is None or ours.compiled_ms is None or theirs.compiled_ms is None:
+            missing = [f"{r.provider}: {r.note or 'not compiled'}" for r in (ours, theirs)
+                       if r is not None and r.compiled_ms is None]
+            results.append(TargetResult(text, "not measured", "; ".join(missing) or "no quantrt row"))
+            continue
+        ratio = theirs.compiled_ms / ours.compiled_ms
+        errors = "" if ours.error_compiled is None or theirs.error_compiled is None else (
+            f"; err quantrt {ours.error_compiled:.2%}, diffusers {theirs.error_compiled:.2%}")
+        results.append(TargetResult(text, "met" if ratio >= 1.0 else "NOT met",
+                                    f"{ratio:.2f}x: quantrt {ours.compiled_ms:.4g} ms, diffusers "
+                                    f"{theirs.compiled_ms:.4g} ms{errors}"))
     return results
 
 
@@ -477,7 +544,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--schemes", help=f"comma-separated schemes (default: {','.join(SCHEMES)}; CPU smoke: "
                                           f"{','.join(SMOKE_SCHEMES)})")
     parser.add_argument("--providers", default=",".join(PROVIDERS),
-                        help="comma-separated: quantrt, torchao (default: both)")
+                        help="comma-separated: quantrt, torchao, diffusers-gguf (diffusers' GGUF path, with the "
+                             "GGUF schemes only; default: all)")
     parser.add_argument("--flux-size", choices=tuple(FLUX_SIZES), help="default: full (CPU smoke: tiny)")
     parser.add_argument("--llm-size", choices=tuple(LLM_SIZES), help="default: 8b (CPU smoke: tiny)")
     parser.add_argument("--llm-tokens", type=int, default=1, help="tokens per sequence (default: %(default)s)")

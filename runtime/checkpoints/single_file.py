@@ -86,7 +86,7 @@ def single_file_plan(convert: Callable[[dict], dict], shapes: dict[str, tuple[in
     return plan
 
 
-def _planned_shape(plan: list[tuple[str, int, int]], shapes: dict[str, tuple[int, ...]], key: str) -> tuple[int, ...]:
+def planned_shape(plan: list[tuple[str, int, int]], shapes: dict[str, tuple[int, ...]], key: str) -> tuple[int, ...]:
     tails = {shapes[source][1:] for source, _, _ in plan}
     if len(tails) != 1:
         raise CheckpointError(f"diffusers' conversion builds {key!r} from tensors of different shapes {sorted(tails)}")
@@ -151,26 +151,15 @@ def _single_file_config(file: Path, config: dict | str | os.PathLike | None, mod
                           f"e.g. FLUX.1-schnell/transformer)")
 
 
-def quantize_single_file(file: str | os.PathLike, quant_config: QuantConfig,
-                         config: dict | str | os.PathLike | None, device: torch.device,
-                         torch_dtype: torch.dtype | None, progress: bool | None = None
-                         ) -> tuple[nn.Module, dict[str, str]]:
-    """Build the diffusers model of a single-file checkpoint in its original layout on the meta device and
-    fill it tensor by tensor in diffusers' layout (`single_file_plan`), quantizing each planned Linear weight
-    as it is read, so the full-precision model is never whole in memory. Returns (model, {kept: why})."""
-    from accelerate.utils import set_module_tensor_to_device
+def single_file_layout(file: Path, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, torch.dtype],
+                       config: dict | str | os.PathLike | None) -> tuple[nn.Module, dict[str, list[tuple[str, int, int]]]]:
+    """(the meta-device diffusers model of a single file whose tensors have `shapes` and `dtypes`, and the plan
+    {model key: [(file key, first row, end row), ...]} that fills it): the config as `_single_file_config` finds
+    it, the plan by diffusers' own conversion (`single_file_plan`), or the identity where the file already holds
+    exactly the model's keys (diffusers' layout, which diffusers' from_single_file loads unconverted too)."""
     from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
-    from tqdm.auto import tqdm
 
-    file = Path(file)
-    if not file.exists():
-        raise CheckpointError(f"{file} does not exist: from_single_file loads a local .safetensors file; quantrt never "
-                              f"downloads")
-    if not file.is_file() or file.suffix != ".safetensors":
-        raise CheckpointError(f"{file} is not a .safetensors file; quantrt never loads .ckpt/.pt/.bin pickles")
-    reader = SafetensorsReader(file)
-    shapes = {name: reader.shape(name) for name in reader.keys()}
-    model_type = _infer_model_type(shapes, {name: reader.dtype(name) for name in shapes})
+    model_type = _infer_model_type(shapes, dtypes)
     plans: dict[str, dict[str, list[tuple[str, int, int]]]] = {}
 
     def plan_for(class_name: str) -> dict[str, list[tuple[str, int, int]]]:
@@ -184,9 +173,34 @@ def quantize_single_file(file: str | os.PathLike, quant_config: QuantConfig,
 
     class_name, model_config = _single_file_config(
         file, config, model_type,
-        lambda name: {key: _planned_shape(p, shapes, key) for key, p in plan_for(name).items()})
-    plan = plan_for(class_name)
+        lambda name: {key: planned_shape(p, shapes, key) for key, p in plan_for(name).items()})
     skeleton = build_skeleton({"library": "diffusers", "class": class_name, "config": model_config}, None)
+    expected = skeleton.state_dict(keep_vars=True)
+    if set(shapes) == set(expected):
+        return skeleton, {key: [(key, 0, shapes[key][0] if shapes[key] else 1)] for key in shapes}
+    return skeleton, plan_for(class_name)
+
+
+def quantize_single_file(file: str | os.PathLike, quant_config: QuantConfig,
+                         config: dict | str | os.PathLike | None, device: torch.device,
+                         torch_dtype: torch.dtype | None, progress: bool | None = None
+                         ) -> tuple[nn.Module, dict[str, str]]:
+    """Build the diffusers model of a single-file checkpoint in its original layout on the meta device and
+    fill it tensor by tensor in diffusers' layout (`single_file_plan`), quantizing each planned Linear weight
+    as it is read, so the full-precision model is never whole in memory. Returns (model, {kept: why})."""
+    from accelerate.utils import set_module_tensor_to_device
+    from tqdm.auto import tqdm
+
+    file = Path(file)
+    if not file.exists():
+        raise CheckpointError(f"{file} does not exist: from_single_file loads a local .safetensors file; quantrt never "
+                              f"downloads")
+    if not file.is_file() or file.suffix != ".safetensors":
+        raise CheckpointError(f"{file} is not a .safetensors file; quantrt never loads .ckpt/.pt/.bin pickles")
+    reader = SafetensorsReader(file)
+    shapes = {name: reader.shape(name) for name in reader.keys()}
+    skeleton, plan = single_file_layout(file, shapes, {name: reader.dtype(name) for name in shapes}, config)
+    class_name = type(skeleton).__name__
     expected = {key: tuple(t.shape) for key, t in skeleton.state_dict(keep_vars=True).items()}
     planned, kept = plan_layers(skeleton, quant_config, torch_dtype)
     linear_weights = set(planned) | {f"{name}.weight" for name in kept}
@@ -197,7 +211,7 @@ def quantize_single_file(file: str | os.PathLike, quant_config: QuantConfig,
     bar = tqdm(plan.items(), desc="quantizing while loading", unit="tensor",
                disable=(not progress) if progress is not None else None)
     for key, segments in bar:
-        shape = _planned_shape(segments, shapes, key)
+        shape = planned_shape(segments, shapes, key)
         if shape != expected[key]:
             raise CheckpointError(f"{key!r} converted from {file.name} has shape {list(shape)}, {class_name} with this "
                                   f"config expects {list(expected[key])}: the config does not match the file")

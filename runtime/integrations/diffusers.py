@@ -17,6 +17,8 @@ import torch.nn as nn
 from diffusers.quantizers import auto as diffusers_auto
 from diffusers.quantizers.base import DiffusersQuantizer
 
+from ..checkpoints.gguf import (dequantize_gguf_parameter, gguf_layer_plan, gguf_parameter_shape,
+                                gguf_parameter_tensors, is_gguf_parameter)
 from ..config import QuantConfig, QuantMethod
 from .common import PLACEHOLDER, QuantizeOnLoad, QuantizerTraits, StoredQuantConfig
 
@@ -44,6 +46,8 @@ class QuantrtDiffusersQuantizer(QuantizerTraits, DiffusersQuantizer):
         self.quantization_config = StoredQuantConfig.of(quantization_config)
         self.load = QuantizeOnLoad(self.quantization_config)
         self.torch_dtype: torch.dtype | None = None
+        # a GGUF file (diffusers' GGUFParameter tensors): its layers load as stored (quantrt.checkpoints.gguf)
+        self.gguf = False
 
     def update_torch_dtype(self, torch_dtype: torch.dtype | None) -> torch.dtype | None:
         # as without quantization: None loads in the model's own dtype (float32); the layers follow it
@@ -57,7 +61,9 @@ class QuantrtDiffusersQuantizer(QuantizerTraits, DiffusersQuantizer):
                 raise ValueError("from_single_file with a QuantConfig reads a full-precision checkpoint and "
                                  "quantizes it; this file holds quantrt's quantized tensors already: load the folder "
                                  "that save_pretrained wrote with from_pretrained(folder), without a config")
-            self.pre_quantized = False
+            self.gguf = any(is_gguf_parameter(value) for value in state_dict.values())
+            # GGUF: diffusers then hands its raw blocks (another shape than the weight's) to the quantizer
+            self.pre_quantized = self.gguf
         return state_dict
 
     def maybe_update_loaded_keys(self, loaded_keys: list[str], checkpoint_files: list[str]) -> list[str]:
@@ -69,14 +75,17 @@ class QuantrtDiffusersQuantizer(QuantizerTraits, DiffusersQuantizer):
                                              state_dict: dict[str, Any] | None = None, **kwargs: Any) -> nn.Module:
         skips = list(keep_in_fp32_modules or [])
         self.modules_to_not_convert = skips + list(self.quantization_config.modules_to_not_convert)
-        plan = self.load.plan(model, self.pre_quantized, skips)
-        self.load.install(model, plan, self.torch_dtype, placeholder=not self.pre_quantized)
+        if self.gguf:
+            plan = gguf_layer_plan(model, state_dict or {}, self.quantization_config, skips)
+        else:
+            plan = self.load.plan(model, self.pre_quantized, skips)
+        self.load.install(model, plan, self.torch_dtype, placeholder=not self.pre_quantized or self.gguf)
         return model
 
     def update_missing_keys(self, model: nn.Module, missing_keys: list[str], prefix: str) -> list[str]:
         made = {f"{name}.{key}": name for name, layer in self.load.layers.items()
                 for key in layer._buffers if key not in (PLACEHOLDER, "bias")}
-        if self.pre_quantized:
+        if self.pre_quantized and not self.gguf:
             lost = [key for key in missing_keys if key in made]
             if lost:
                 raise ValueError(f"quantrt: the checkpoint has no {lost[0]!r} ({len(lost)} tensors of quantized "
@@ -88,6 +97,8 @@ class QuantrtDiffusersQuantizer(QuantizerTraits, DiffusersQuantizer):
 
     def check_if_quantized_param(self, model: nn.Module, param_value: torch.Tensor, param_name: str,
                                  state_dict: dict[str, Any], **kwargs: Any) -> bool:
+        if self.gguf:  # every GGUF tensor: a layer's weight, or one to dequantize
+            return is_gguf_parameter(state_dict.get(param_name, param_value) if state_dict else param_value)
         module_name, _, key = param_name.rpartition(".")
         layer = self.load.layers.get(module_name)
         if layer is None:
@@ -103,6 +114,10 @@ class QuantrtDiffusersQuantizer(QuantizerTraits, DiffusersQuantizer):
         # fp8 static layer's float32 act_scale and turn float8_e5m2 codes into their values
         source = state_dict.get(param_name) if state_dict is not None else None
         layer = self.load.waiting(model, param_name)
+        if self.gguf:
+            self.create_gguf_param(model, source if source is not None else param, param_name, layer, target_device,
+                                   kwargs.get("dtype"))
+            return
         if layer is not None:
             self.load.fill(layer, param, target_device, sources=[source] if source is not None else [])
             return
@@ -111,8 +126,32 @@ class QuantrtDiffusersQuantizer(QuantizerTraits, DiffusersQuantizer):
         stored = source if source is not None else param
         setattr(layer, key, stored.to(device=target_device, dtype=layer._buffers[key].dtype))
 
+    def create_gguf_param(self, model: nn.Module, value: torch.Tensor, param_name: str, layer: Any,
+                          target_device: Any, dtype: torch.dtype | None) -> None:
+        """A GGUF tensor into the model: a planned layer's stored tensors from its raw blocks, as stored; any other
+        (a layer kept in full precision, a BF16 tensor) dequantized as gguf does, in the model's dtype."""
+        from accelerate.utils import set_module_tensor_to_device
+
+        if layer is not None:
+            for key, tensor in gguf_parameter_tensors(value, (layer.out_features, layer.in_features),
+                                                      layer._buffers[PLACEHOLDER].dtype, param_name).items():
+                setattr(layer, key, tensor.to(target_device))
+            del layer._buffers[PLACEHOLDER]
+            self.load.releaser.release(value)
+            return
+        current = model.get_parameter(param_name) if param_name in dict(model.named_parameters()) else \
+            model.get_buffer(param_name)
+        tensor = dequantize_gguf_parameter(value, param_name).to(dtype or current.dtype)
+        set_module_tensor_to_device(model, param_name, target_device, value=tensor)
+
     def check_quantized_param_shape(self, param_name: str, current_param: torch.Tensor,
                                     loaded_param: torch.Tensor) -> bool:
+        if self.gguf and is_gguf_parameter(loaded_param):
+            loaded_shape = gguf_parameter_shape(loaded_param)
+            if tuple(current_param.shape) != loaded_shape:
+                raise ValueError(f"quantrt: {param_name} holds a {list(loaded_shape)} weight in the GGUF file, the "
+                                 f"model expects {list(current_param.shape)}: the file does not belong to its config")
+            return True
         if tuple(current_param.shape) != tuple(loaded_param.shape):
             raise ValueError(f"quantrt: {param_name} is {list(loaded_param.shape)} in the checkpoint, the model "
                              f"expects {list(current_param.shape)}: the checkpoint does not belong to its config")

@@ -2,8 +2,10 @@ import pytest
 import torch
 
 from quantrt.kernels import autotune, tuning
-from quantrt.kernels.formats import INT8, UINTX, WeightFormat
+from quantrt.kernels import quantize as Q
+from quantrt.kernels.formats import GGUF, INT8, UINTX, WeightFormat
 from quantrt.kernels.matmul import CPU_CONFIGS, GEMV_REGISTERS, KernelConfig, fit
+from quantrt.kernels.packing import GGUF_BLOCKS
 
 INT8_FORMAT = WeightFormat(INT8, 8)
 
@@ -60,9 +62,23 @@ def test_synthetic_tensors_leave_the_callers_random_stream_alone():
     torch.manual_seed(123)
     args = (torch.empty(3, 64), torch.empty(8, 64, dtype=torch.int8), torch.empty(8, 1), None, None)
     generator = torch.Generator().manual_seed(0)
-    synthetic = autotune._synthetic(args, generator)
+    synthetic = autotune._synthetic(args, INT8_FORMAT, generator)
     assert synthetic[3] is None and synthetic[1].dtype == torch.int8
     torch.testing.assert_close(torch.rand(4), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["q4_1", "q3_k", "q4_k"])
+def test_synthetic_gguf_block_scales_are_finite(name):
+    """Random bytes would make fp16 NaN / Inf block scales, and every config would then fail its validation."""
+    blocks = GGUF_BLOCKS[name]
+    fmt = WeightFormat(GGUF, blocks.bits, gguf=name)
+    k = 512
+    args = (torch.empty(3, k), torch.empty(8, blocks.code_bytes(k), dtype=torch.uint8),
+            torch.empty(8, k // blocks.block * blocks.param_bytes, dtype=torch.uint8), None, None)
+    x, qweight, block_scales, _, _ = autotune._synthetic(args, fmt, torch.Generator().manual_seed(0))
+    fields = Q.unpack_gguf(qweight, block_scales, name, k)
+    assert all(torch.isfinite(fields[key]).all() for key in ("d", "dmin") if key in fields)
+    assert torch.isfinite(Q.dequantize_gguf(qweight, block_scales, name, k)).all()
 
 
 class _FakeCuda:

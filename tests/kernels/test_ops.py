@@ -44,8 +44,14 @@ def _fp8_e5m2(x, weight, bias):
     return torch.ops.quantrt.floatx_linear.default, (x, q.view(torch.uint8), s, bias, 5, 2), Q.dequantize_fp8(q, s)
 
 
-OPS = [_int8, _uint4, _uint3, _fp6, _fp8_e4m3_tensor, _fp8_e5m2]
-OP_IDS = ["int8-g16", "uint4-g32", "uint3-g16", "fp6_e3m2", "fp8_e4m3-tensor", "fp8_e5m2"]
+def _q4_1(x, weight, bias):
+    q, p = Q.quantize_gguf(weight, "q4_1")
+    return (torch.ops.quantrt.gguf_linear.default, (x, q, p, bias, 3),
+            Q.dequantize_gguf(q, p, "q4_1", x.shape[1]))
+
+
+OPS = [_int8, _uint4, _uint3, _fp6, _fp8_e4m3_tensor, _fp8_e5m2, _q4_1]
+OP_IDS = ["int8-g16", "uint4-g32", "uint3-g16", "fp6_e3m2", "fp8_e4m3-tensor", "fp8_e5m2", "gguf-q4_1"]
 
 
 @pytest.mark.parametrize("dtype, bias", [(torch.float16, True), (torch.float32, False)],
@@ -78,7 +84,7 @@ def test_fake_tensors_get_shapes_under_the_interpreter():
     assert y.shape == (5, N) and y.dtype == torch.float16
 
 
-@pytest.mark.parametrize("make", [_int8, _uint4, _fp8_e5m2], ids=["int8-g16", "uint4-g32", "fp8_e5m2"])
+@pytest.mark.parametrize("make", [_int8, _uint4, _fp8_e5m2, _q4_1], ids=["int8-g16", "uint4-g32", "fp8_e5m2", "gguf-q4_1"])
 def test_bf16_under_the_interpreter_is_computed_in_fp32(make):
     x, weight, b = inputs(7, N, 96, torch.bfloat16, True)
     op, args, dequantized = make(x, weight, b)

@@ -17,6 +17,7 @@ from quantrt import QuantConfig, QuantizedTransformer, RecompileError
 from quantrt.aot import AotRunner, inductor_configs, unpackageable_reason
 from quantrt.archive import export_entry, import_archive
 from quantrt.cache import CacheEntry
+from quantrt.compile import compile_settings
 
 TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5)}  # an AOT package against eager: Inductor's fp32 fusion
 ROWS = (1, 33)
@@ -87,12 +88,14 @@ def test_a_fresh_process_serves_the_packages_without_tracing(packaged):
     assert warm["seconds"] < 0.25 * sum(r["seconds"] for r in cold["rows"])
 
 
-def test_a_package_reads_the_models_own_tensors_and_follows_replaced_ones(packaged):
-    cache, _ = packaged
+def test_a_package_reads_the_models_own_tensors_and_follows_replaced_ones(tmp_path):
     qt = QuantizedTransformer.from_model(mlp(), QuantConfig("int8wo"), progress=False)
-    qt.compile(mode="default", cache_dir=cache, strict=True)
+    qt.compile(mode="default", cache_dir=tmp_path, strict=True)
+    settings = compile_settings()
     x = torch.randn(33, 64)
-    qt.warmup([torch.randn(m, 64) for m in ROWS], progress=False, aot=True, allow_new=False)
+    qt.warmup([torch.randn(m, 64) for m in ROWS], progress=False, aot=True)  # built in this process
+    # AOTInductor's build leaves the process's Inductor settings (and so every later fingerprint) as they were
+    assert compile_settings() == settings
     runner = next(iter(qt._compiled.aot_runners.values()))
     assert isinstance(runner, AotRunner)
     state = {**dict(qt.model.named_parameters()), **dict(qt.model.named_buffers())}

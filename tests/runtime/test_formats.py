@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from quantrt.formats import (ATEN_INT4_KERNEL, ATEN_INT8_KERNEL, FAMILIES, FORMATS, QUANTO_QTYPES, Fp8Format,
-                             FpxFormat, Int8Format, StorageFormat, UintxFormat, storage_format)
+                             FpxFormat, GgufFormat, Int8Format, StorageFormat, UintxFormat, storage_format)
+from quantrt.kernels.quantize import unpack_gguf
 from quantrt.schemes import ACTIVATIONS
 
 NAMES = list(FORMATS)
@@ -28,6 +29,8 @@ def error_bound(storage, w: torch.Tensor, tensors: dict, dtype: torch.dtype) -> 
     """float64 bound on |dequantize(quantize(w)) - w| per weight ([N, K]) or, for uintX, on the root mean square
     error per group ([N, groups]): what the format can resolve, from its stored scales and zero points."""
     n, k = w.shape
+    if isinstance(storage, GgufFormat):
+        return gguf_step(storage, tensors, k) * (1 + 1e-6) + w.double().abs() * FLOAT32_ROUNDING
     w = w.double()
     scale = tensors["scale"].double()
     if isinstance(storage, Int8Format):  # round to the nearest step
@@ -45,6 +48,18 @@ def error_bound(storage, w: torch.Tensor, tensors: dict, dtype: torch.dtype) -> 
     return w.abs() * 2.0 ** -(storage.mbits + 1) * (1 + 1e-6) + half_subnormal + w.abs() * FLOAT32_ROUNDING
 
 
+def gguf_step(storage: GgufFormat, tensors: dict, k: int) -> torch.Tensor:
+    """float64 [N, K]: |a| of each weight's group, the step of its codes. quantize rounds every scale up, so a
+    weight is off by at most half a step, or, on the side opposite a group's largest magnitude in the symmetric
+    types (codes reach one step further below zero than above), by one step."""
+    blocks = storage.blocks
+    fields = unpack_gguf(tensors["qweight"], tensors["block_scales"], storage.name, k)
+    a = fields["d"].double()
+    if blocks.sub_block:
+        a = a.repeat_interleave(blocks.sub_blocks, dim=1) * fields["scales"].double()
+    return a.abs().repeat_interleave(blocks.group, dim=1)
+
+
 def round_trip_error(storage, w: torch.Tensor, tensors: dict, k: int) -> torch.Tensor:
     """|dequantize - w| in float64, as `error_bound` measures it (uintX: root mean square per group)."""
     error = storage.dequantize(tensors, k).double() - w.double()
@@ -56,12 +71,14 @@ def round_trip_error(storage, w: torch.Tensor, tensors: dict, k: int) -> torch.T
 
 def test_every_format_is_registered_under_its_name_and_ids_read_as_names():
     assert NAMES[:8] == ["int8"] + [f"uint{b}" for b in range(1, 8)]
-    assert NAMES[-2:] == ["fp8_e4m3", "fp8_e5m2"]
+    assert NAMES[-12:-10] == ["fp8_e4m3", "fp8_e5m2"]
+    assert NAMES[-10:] == ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]
     assert {name for name in NAMES if name.startswith("fp") and not name.startswith("fp8")} == {
         f"fp{x}_e{e}m{x - 1 - e}" for x in range(3, 8) for e in range(1, x)}
     assert all(FORMATS[name].name == name for name in NAMES)
-    assert set(FAMILIES) == {"int8", "uintx", "fpx", "fp8"}
+    assert set(FAMILIES) == {"int8", "uintx", "fpx", "fp8", "gguf"}
     assert repr(FORMATS["uint4"]) == "UintxFormat(bits=4)" and repr(FORMATS["fp6_e3m2"]) == "FpxFormat(ebits=3, mbits=2)"
+    assert repr(FORMATS["q4_k"]) == "GgufFormat(gguf='q4_k')"
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -70,7 +87,7 @@ def test_scheme_fields_name_the_format_back(name):
     fields = storage.scheme_fields()
     assert fields["weight"] == storage.family and fields["bits"] == storage.bits
     assert storage_format(fields["weight"], fields["bits"], fields.get("ebits", 0), fields.get("mbits", 0),
-                          fields.get("fp8", "")) == storage
+                          fields.get("fp8", ""), fields.get("gguf", "")) == storage
 
 
 def test_invalid_formats_are_refused():
@@ -84,6 +101,10 @@ def test_invalid_formats_are_refused():
         Fp8Format("e4m3fnuz")
     with pytest.raises(ValueError, match="1 \\+ 3 \\+ 3 != 6"):
         storage_format("fpx", 6, 3, 3)
+    with pytest.raises(ValueError, match="unknown GGUF block type 'q8_1'"):
+        GgufFormat("q8_1")
+    with pytest.raises(ValueError, match="q4_k codes have 4 bits, got bits=5"):
+        storage_format("gguf", 5, gguf="q4_k")
     with pytest.raises(TypeError):
         StorageFormat()  # abstract
 
@@ -100,6 +121,14 @@ def test_specs_match_what_quantize_stores(name, dtype):
         assert {key: (tuple(t.shape), t.dtype) for key, t in stored.items()} == specs
         assert stored["qweight"].numel() * stored["qweight"].element_size() == n * k * storage.bits // 8
         assert ("zero" in specs) == storage.has_zero
+        if isinstance(storage, GgufFormat):  # the scales are GGUF's bytes; `scale` only carries the dtype
+            blocks = storage.blocks
+            assert specs["scale"] == ((n, 0), dtype)
+            assert specs["block_scales"] == ((n, k // blocks.block * blocks.param_bytes), torch.uint8)
+            # within 4% of the bytes a GGUF file stores
+            ours = stored["qweight"].numel() * stored["qweight"].element_size() + stored["block_scales"].numel()
+            assert 1 <= ours / (n * k // blocks.block * blocks.file_bytes) <= 1.04
+            continue
         assert specs["scale"][0] == ((1, 1) if per_tensor else (n, storage.groups(k, group_size)))
 
 
@@ -145,6 +174,11 @@ def test_odd_shapes(name):
     ("fp6_e3m2", 38, None, "K=38 is not a multiple of 4, needed to pack 6-bit codes"),
     ("fp3_e1m1", 36, None, "K=36 is not a multiple of 8, needed to pack 3-bit codes"),
     ("fp8_e4m3", 37, None, None),
+    ("q8_0", 96, None, None),
+    ("q4_1", 80, None, "K=80 is not a multiple of q4_1's blocks of 32 weights"),
+    ("q4_k", 768, None, None),
+    ("q6_k", 384, None, "K=384 is not a multiple of q6_k's blocks of 256 weights"),
+    ("q4_k", 512, 32, "q4_k groups its weights in GGUF's own blocks, not in groups of 32"),
 ])
 def test_unsupported_reasons(name, k, group_size, reason):
     assert FORMATS[name].unsupported_reason(64, k, group_size) == reason
@@ -153,14 +187,21 @@ def test_unsupported_reasons(name, k, group_size, reason):
 @pytest.mark.parametrize("name", NAMES)
 def test_family_facts(name):
     storage = FORMATS[name]
-    family = {Int8Format: "int8", UintxFormat: "uintx", FpxFormat: "fpx", Fp8Format: "fp8"}[type(storage)]
+    family = {Int8Format: "int8", UintxFormat: "uintx", FpxFormat: "fpx", Fp8Format: "fp8",
+              GgufFormat: "gguf"}[type(storage)]
     assert storage.family == family
-    # (takes a group size, per channel possible, zero points, packed bit planes)
+    # (takes a group size, per channel possible, zero points, packed bit planes); GGUF's group_size None is its
+    # own blocks, and its codes are packed but for Q8_0's int8
     expected = {"int8": (True, True, False, False), "uintx": (True, False, True, True),
-                "fpx": (False, True, False, True), "fp8": (False, True, False, False)}[family]
+                "fpx": (False, True, False, True), "fp8": (False, True, False, False),
+                "gguf": (False, True, False, name != "q8_0")}[family]
     assert (storage.takes_group_size, storage.allows_per_channel, storage.has_zero, storage.packed) == expected
-    code_dtype = {"int8": torch.int8, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}.get(name)
+    code_dtype = {"int8": torch.int8, "q8_0": torch.int8, "fp8_e4m3": torch.float8_e4m3fn,
+                  "fp8_e5m2": torch.float8_e5m2}.get(name)
     assert storage.code_dtype == (code_dtype or torch.uint8)
+    if family == "gguf":  # whole blocks: 32 weights, 256 for the K-quants
+        assert storage.k_alignment == (256 if name.endswith("_k") else 32)
+        return
     # packed: every bit plane (4, 2, 1 bits) of a row fills whole bytes
     alignment = {1: 8, 2: 4, 3: 8, 4: 2, 5: 8, 6: 4, 7: 8}[storage.bits] if storage.packed else 1
     assert storage.k_alignment == alignment
@@ -175,8 +216,9 @@ def test_backend_facts():
     assert QUANTO_QTYPES["qfloat8"] == FORMATS["fp8_e4m3"] and len(QUANTO_QTYPES) == 6
     assert {name for name in NAMES if FORMATS[name].gemlite_builder} == {
         "int8", "uint1", "uint2", "uint4", "fp8_e4m3", "fp8_e5m2"}
-    for storage in FORMATS.values():
-        assert "none" in storage.torchao_configs and set(storage.torchao_configs) <= set(ACTIVATIONS)
+    for storage in FORMATS.values():  # torchao has nothing for GGUF's block types
+        assert ("none" in storage.torchao_configs) == (storage.family != "gguf")
+        assert set(storage.torchao_configs) <= set(ACTIVATIONS)
     assert FORMATS["uint4"].torchao_configs["none"] == "Int4WeightOnlyConfig"
     assert FORMATS["uint3"].torchao_configs["none"] == "IntxWeightOnlyConfig"
 
@@ -186,6 +228,10 @@ def test_kernel_format(name):
     storage = FORMATS[name]
     kernel = storage.kernel
     assert kernel.bits == storage.bits
+    if isinstance(storage, GgufFormat):  # the op takes the block parameters, and the ggml type by its number
+        assert kernel.tensors == ("qweight", "block_scales")
+        assert (kernel.kind, kernel.op, kernel.arguments) == ("gguf", "gguf_linear", (storage.blocks.ggml_type,))
+        return
     assert kernel.tensors == (("qweight", "scale", "zero") if storage.has_zero else ("qweight", "scale"))
     if isinstance(storage, Int8Format):
         expected = ("int8", "int8_linear", ())

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from quantrt.formats import FORMATS
-from quantrt.schemes import ALIASES, QUANTO_WEIGHTS, SCHEMES, Scheme, resolve_scheme, whole_number
+from quantrt.schemes import (ALIASES, GGUF_SCHEMES, QUANTO_WEIGHTS, SCHEMES, Scheme, resolve_scheme,
+                             valid_names, whole_number)
 
 # every shorthand and long name of the seed documents (diffusers TorchAoConfig), with what it must mean
 SEED_NAMES = {
@@ -167,3 +168,20 @@ def test_group_size_minus_one_is_refused_for_uintx_codes(name):
 def test_whole_number_takes_every_integral_number_type_and_never_truncates(value, expected):
     result = whole_number(value)
     assert result == expected and (result is None or type(result) is int)
+
+
+@pytest.mark.parametrize("name", sorted(GGUF_SCHEMES))
+def test_gguf_block_types_are_schemes_by_their_names(name):
+    """What a GGUF file's tensors load as (quantrt.checkpoints.gguf), by GGUF's own names in any case; their blocks
+    are the format's own, so no group size (group_size=-1, from_pretrained's "none recorded", is the same)."""
+    scheme = resolve_scheme(name.upper())
+    assert scheme is GGUF_SCHEMES[name] and scheme.format == name and scheme.weight == "gguf"
+    assert scheme.gguf == name and scheme.group_size is None and scheme.weight_only
+    assert resolve_scheme(name, group_size=-1) == scheme
+    assert scheme.describe().startswith(f"{name} weights, GGUF blocks of ")
+    assert name in valid_names() and name not in SCHEMES  # not every model takes them (K-quants: K % 256)
+    with pytest.raises(ValueError, match="GGUF's own blocks and takes no group_size"):
+        resolve_scheme(name, group_size=64)
+    w = torch.randn(8, 256)
+    assert torch.equal(scheme.dequantize(scheme.quantize(w), 256),
+                       scheme.storage.dequantize(scheme.storage.quantize(w), 256))

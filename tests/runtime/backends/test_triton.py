@@ -12,7 +12,7 @@ from quantrt.backends import get_backend
 from quantrt.backends.triton import weight_format
 from quantrt.formats import FORMATS, FP8_BITS
 from quantrt.kernels.floatx import FP8_FORMATS
-from quantrt.kernels.formats import FLOATX, INT8, UINTX
+from quantrt.kernels.formats import FLOATX, GGUF, INT8, UINTX
 from quantrt.kernels.ops import use_reference
 from quantrt.modules import QuantizedLinear
 from quantrt.schemes import resolve_scheme
@@ -23,9 +23,9 @@ CPU = torch.device("cpu")
 DTYPES = [torch.float16, torch.float32]
 DTYPE_IDS = {torch.float16: "fp16", torch.float32: "fp32"}
 # one scheme of every kernel path: int8 per channel and grouped, uintX (4 bits: word loads; 3 bits: two planes),
-# fpX, fp8 e4m3 / e5m2
+# fpX, fp8 e4m3 / e5m2, GGUF's blocks of 32 with a min (the K-quants need K = 256: tests/kernels/test_gguf.py)
 CASES = [("int8wo", None), ("int8wo", 32), ("int4wo", 32), ("uint3wo", 32), ("fp6_e3m2", None), ("fp4_e2m1", None),
-         ("float8wo_e4m3", None), ("float8wo_e5m2", None)]
+         ("float8wo_e4m3", None), ("float8wo_e5m2", None), ("q5_1", None)]
 # against float64: fp32 accumulation order; fp16 rounds x's products (the weight tile in fp16) and the output
 TOLERANCE = {torch.float32: {"atol": 1e-4, "rtol": 1e-4}, torch.float16: {"atol": 1e-2, "rtol": 1e-2}}
 
@@ -39,8 +39,9 @@ def test_weight_format_is_the_kernels_view_of_each_format(name):
     storage = FORMATS[name]
     fmt = weight_format(storage)
     assert fmt.name == storage.name and fmt.bits == storage.bits
-    kind = {"int8": INT8, "uintx": UINTX}.get(storage.family, FLOATX)
+    kind = {"int8": INT8, "uintx": UINTX, "gguf": GGUF}.get(storage.family, FLOATX)
     assert fmt.kind == kind and fmt.has_zero == storage.has_zero
+    assert fmt.gguf == (storage.name if storage.family == "gguf" else "")
 
 
 def test_fp8_bits_are_the_kernels():
@@ -92,7 +93,7 @@ def test_needs_the_interpreter_on_cpu(monkeypatch):
     assert reason is not None and "TRITON_INTERPRET=1" in reason
 
 
-@pytest.mark.parametrize("case", [("uint3wo", 32), ("float8wo_e5m2", None)], ids=case_id)
+@pytest.mark.parametrize("case", [("uint3wo", 32), ("float8wo_e5m2", None), ("q4_0", None)], ids=case_id)
 def test_forward_traces_without_graph_breaks(case):
     # Dynamo traces the format's kernel op and arguments (StorageFormat.kernel); "eager" runs the captured graph
     # without Inductor, so only tracing is tested

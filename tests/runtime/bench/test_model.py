@@ -149,3 +149,33 @@ def test_bad_arguments_are_one_clear_line(argv, message, capsys, tmp_path):
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not list(tmp_path.iterdir())
+
+
+def test_model_smoke_gguf_rows_against_diffusers_gguf_path(tmp_path):
+    """A GGUF scheme through quantrt and through diffusers' GGUF path (GGUFLinear holding the same blocks): both
+    rows timed, the same numbers up to diffusers' float16 dequantize; no diffusers-gguf row for another scheme."""
+    argv = ["bench", "model", "--cpu-smoke", "--out-dir", str(tmp_path), "--models", "flux", "--schemes",
+            "q8_0,int8wo", "--providers", "quantrt,diffusers-gguf", "--no-autoquant"]
+    assert main(argv) == 0
+    rows = read_csv(next(tmp_path.glob("*.csv")))
+    assert [(r["scheme"], r["provider"]) for r in rows] == [("bf16", "torch"), ("q8_0", "quantrt"),
+                                                            ("q8_0", "diffusers-gguf"), ("int8wo", "quantrt")]
+    ours, theirs = rows[1], rows[2]
+    assert ours["eager_ms"] and theirs["eager_ms"] and theirs["detail"].startswith("diffusers ")
+    assert "GGUFLinear x" in theirs["detail"] and "kept" not in ours["detail"]  # every tiny FLUX layer takes Q8_0
+    assert 0 < float(ours["error_eager"]) < 0.05
+    assert float(theirs["error_eager"]) == pytest.approx(float(ours["error_eager"]), rel=0.2)
+    targets = section(next(tmp_path.glob("*.md")).read_text(), "Targets")
+    assert any("q8_0 through quantrt >= diffusers' GGUF path, compiled" in line and "not measured" in line
+               for line in targets)
+
+
+def test_model_gguf_comparison():
+    def row(provider, ms):
+        return benchmark.Row("flux", "q4_k", provider, compiled_ms=ms, compiled_speedup=1.0, error_compiled=0.01)
+
+    rows = [row("quantrt", 2.0), row("diffusers-gguf", 5.0)]
+    (met,) = benchmark.gguf_comparisons(rows)
+    assert met.status == "met" and met.detail.startswith("2.50x: quantrt 2 ms, diffusers 5 ms")
+    rows[0].compiled_ms = 6.0
+    assert benchmark.gguf_comparisons(rows)[0].status == "NOT met"

@@ -105,3 +105,102 @@ def write_bfl_file(model: nn.Module, file: Path, prefix: str = "") -> Path:
     bfl = to_bfl_layout(model.state_dict(), cfg.num_layers, cfg.num_single_layers)
     save_file({prefix + k: v.contiguous() for k, v in bfl.items()}, file)
     return file
+
+
+# a FLUX whose Linear layers all take GGUF's K-quants (K a multiple of 256), small enough for CPU tests
+GGUF_FLUX = dict(patch_size=1, in_channels=256, num_layers=1, num_single_layers=1, attention_head_dim=128,
+                 num_attention_heads=2, joint_attention_dim=256, pooled_projection_dim=256, guidance_embeds=True,
+                 axes_dims_rope=(32, 48, 48))
+# GGUF's block types, in the order write_gguf_file hands them to a model's Linear weights
+GGUF_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+
+
+def gguf_flux(seed: int = 0) -> nn.Module:
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(**GGUF_FLUX).eval()
+
+
+def gguf_blocks_of(weight: torch.Tensor, kind: str):
+    """weight [N, K] float -> GGUF blocks of `kind`: the gguf package's quantizer where it has one (Q8_0, Q4_0,
+    Q4_1, Q5_0, Q5_1), else (the K-quants) quantrt's, written in GGUF's layout by quantrt.checkpoints.gguf's
+    gguf_block_bytes (checked against gguf's dequantize in test_gguf.py)."""
+    import gguf
+
+    from quantrt.checkpoints.gguf import gguf_block_bytes
+    from quantrt.kernels.quantize import quantize_gguf_fields
+
+    if kind.endswith("_K"):
+        return gguf_block_bytes(quantize_gguf_fields(weight.float(), kind.lower()), kind).numpy()
+    return gguf.quants.quantize(weight.float().numpy(), gguf.GGMLQuantizationType[kind])
+
+
+def write_gguf_file(model: nn.Module, file: Path, layout: str = "bfl", types: tuple[str, ...] = GGUF_TYPES,
+                    float_weights: dict[str, str] | None = None, edit=None) -> dict[str, str]:
+    """Write `model` as a GGUF file the way a GGUF converter does (city96's for FLUX): in BFL's layout (or
+    diffusers' own, `layout="diffusers"`), 2-D weights quantized with `types` in turn (those whose rows are not
+    whole blocks of the type in F16), `float_weights` {key: "F16" / "BF16" / "F32"} kept as they are, 1-D tensors
+    in F32. `edit(writer, name, array, type)` may replace what is written for a tensor. Returns {key: type}."""
+    import gguf
+    import numpy as np
+
+    state = {k: v.detach().float() for k, v in model.state_dict().items()}
+    if layout == "bfl":
+        cfg = model.config
+        state = to_bfl_layout(state, cfg.num_layers, cfg.num_single_layers)
+    writer = gguf.GGUFWriter(str(file), "flux")
+    written, turn = {}, 0
+    for name, tensor in state.items():
+        kind = (float_weights or {}).get(name)
+        if kind is None and tensor.dim() == 2:
+            kind = types[turn % len(types)]
+            turn += 1
+            if tensor.shape[1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]][0]:
+                kind = "F16"
+        kind = kind or "F32"
+        if kind in ("F32", "F16"):
+            array = tensor.numpy().astype(np.float32 if kind == "F32" else np.float16)
+        else:
+            array = (gguf.quants.quantize(tensor.numpy(), gguf.GGMLQuantizationType.BF16) if kind == "BF16"
+                     else gguf_blocks_of(tensor, kind))
+        if edit is not None:
+            array, kind = edit(name, array, kind)
+        if kind in ("F32", "F16"):
+            writer.add_tensor(name, array)
+        else:
+            writer.add_tensor(name, array, raw_dtype=gguf.GGMLQuantizationType[kind])
+        written[name] = kind
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return written
+
+
+def gguf_reference(model: nn.Module, file: Path, layout: str = "bfl") -> nn.Module:
+    """A float32 copy of `model` holding the file's values as gguf.quants.dequantize gives them: what a GGUF file
+    holds, computed by the gguf package alone (BFL's layout undone by `to_bfl_layout` run on element ids)."""
+    import copy
+
+    import gguf
+
+    reader = gguf.GGUFReader(str(file))
+    values = {t.name: torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).float().reshape(-1)
+              for t in reader.tensors}
+    reference = copy.deepcopy(model).float()
+    state = reference.state_dict()
+    starts, total = {}, 0
+    for key, tensor in state.items():
+        starts[key], total = total, total + tensor.numel()
+    ids = {key: torch.arange(tensor.numel()).reshape(tensor.shape) + starts[key] for key, tensor in state.items()}
+    if layout == "bfl":
+        cfg = model.config
+        ids = to_bfl_layout(ids, cfg.num_layers, cfg.num_single_layers)
+    flat = torch.full((total,), float("nan"))
+    for name, where in ids.items():
+        flat[where.reshape(-1)] = values[name]
+    assert not flat.isnan().any()
+    reference.load_state_dict({key: flat[starts[key]:starts[key] + t.numel()].reshape(t.shape)
+                               for key, t in state.items()})
+    return reference
