@@ -66,16 +66,17 @@ INDUCTOR_SETTINGS = ("coordinate_descent_tuning", "coordinate_descent_check_all_
 
 @pytest.mark.parametrize("case", [("int8wo", None), ("int4wo", 32), ("float8wo_e4m3", None), ("int8dq", None),
                                   ("int4dq", 32)], ids=case_id)
-def test_quantizing_changes_no_global_inductor_setting(case, monkeypatch):
-    for setting in INDUCTOR_SETTINGS:  # off, so that torchao turning them on shows
-        monkeypatch.setattr(torch._inductor.config, setting, False)
-    before = torch._inductor.config.save_config_portable()
-    precision = torch.get_float32_matmul_precision()
-    scheme, group_size = case
-    qt = quantized_copies(linear_model(torch.float32), scheme, group_size, ["torchao"])["torchao"]
-    assert backends_of(qt) == {"torchao"}
-    assert torch._inductor.config.save_config_portable() == before
-    assert torch.get_float32_matmul_precision() == precision
+def test_quantizing_changes_no_global_inductor_setting(case):
+    # off, so that torchao turning them on shows. Inductor's own patch, not monkeypatch: pytest >= 9.1 undoes a
+    # setattr of an attribute it cannot find statically (a config module's) by deleting it, for every later test
+    with torch._inductor.config.patch({setting: False for setting in INDUCTOR_SETTINGS}):
+        before = torch._inductor.config.save_config_portable()
+        precision = torch.get_float32_matmul_precision()
+        scheme, group_size = case
+        qt = quantized_copies(linear_model(torch.float32), scheme, group_size, ["torchao"])["torchao"]
+        assert backends_of(qt) == {"torchao"}
+        assert torch._inductor.config.save_config_portable() == before
+        assert torch.get_float32_matmul_precision() == precision
 
 
 @pytest.mark.parametrize("name, config", [
